@@ -174,7 +174,7 @@ class EnergyCounter:
         layer = self.labels[neuron]
         count = int(torch.count_nonzero(spikes))
         neurons = spikes[0].numel()
-        leak_is_one = neuron.leak_logit is None and float(neuron.fixed_leak) == 1.0
+        leak_is_one = neuron.leak_logit is None and neuron.fixed_leak == 1.0
         self.add(layer, "neurons", neuron_ops(neurons, spikes.shape[0], count, leak_is_one, neuron.reset))
         self.spikes[layer] += count
         self.neuron_steps[layer] += spikes.numel()

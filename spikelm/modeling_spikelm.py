@@ -241,18 +241,18 @@ class SpikeLMAttention(nn.Module):
         self.v_neuron = SpikingNeuron(config)
         self.readout_neuron = SpikingNeuron(config)  # ssa: spikes from a; sdsa: thresholds the running mean
         self.o_proj = nn.Linear(D, D, bias=False)
-        decay = torch.tensor(config.attention_decay, dtype=torch.float32)
+        self.fixed_decay = [float(g) for g in config.attention_decay]  # plain numbers unless learned
         if config.learn_decay:
             # gamma = sigmoid(w) keeps each decay in (0, 1)
-            self.decay_logit = nn.Parameter(torch.logit(decay.clamp(max=1 - 1e-4)))
+            self.decay_logit = nn.Parameter(torch.logit(torch.tensor(self.fixed_decay).clamp(max=1 - 1e-4)))
         else:
             self.decay_logit = None
-            self.register_buffer("fixed_decay", decay, persistent=False)
         self.counter = None  # set by spikelm.energy while counting
 
-    @property
-    def decay(self):
-        return torch.sigmoid(self.decay_logit) if self.decay_logit is not None else self.fixed_decay
+    def decay(self, like):
+        if self.decay_logit is not None:
+            return torch.sigmoid(self.decay_logit).to(like.dtype)
+        return torch.tensor(self.fixed_decay, dtype=like.dtype, device=like.device)
 
     def _heads(self, x):  # [T, B, n, D] -> [T, B, H, n, d]
         T, B, n, _ = x.shape
@@ -276,7 +276,7 @@ class SpikeLMAttention(nn.Module):
         k = self.k_neuron(k) * mask[None, :, :, None]
         v = self.v_neuron(v) * mask[None, :, :, None]
 
-        decay = self.decay.to(dtype)
+        decay = self.decay(spikes)
         H, d = self.num_heads, self.head_dim
         if state is not None and state.attention_state is not None:
             carried = (state.attention_state, state.decay_sum)
@@ -397,6 +397,11 @@ class SpikeLMPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, SpikingNeuron) and module.leak_logit is not None:
+            leak = config.leak_value
+            init.constant_(module.leak_logit, math.log(leak / (1 - leak)) if leak < 1 else 8.0)
+        elif isinstance(module, SpikeLMAttention) and module.decay_logit is not None:
+            init.copy_(module.decay_logit, torch.logit(torch.tensor(module.fixed_decay).clamp(max=1 - 1e-4)))
 
 
 class SpikeLMModel(SpikeLMPreTrainedModel):

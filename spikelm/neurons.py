@@ -190,18 +190,17 @@ class SpikingNeuron(nn.Module):
             self.leak_logit = nn.Parameter(torch.tensor(math.log(leak / (1 - leak)) if leak < 1 else 8.0))
         else:
             self.leak_logit = None
-            self.register_buffer("fixed_leak", torch.tensor(float(leak)), persistent=False)
+            self.fixed_leak = float(leak)  # a plain number: nothing to save, nothing for the loader to miss
         self.counter = None  # set by spikelm.energy while counting
-
-    @property
-    def leak(self):
-        return torch.sigmoid(self.leak_logit) if self.leak_logit is not None else self.fixed_leak
 
     def forward(self, current):
         if current.shape[0] != self.time_steps:
             raise ValueError(f"SpikingNeuron expects input of shape [T={self.time_steps}, ...] (time first), "
                              f"got {tuple(current.shape)}")
-        leak = self.leak.to(current.dtype)
+        if self.leak_logit is not None:
+            leak = torch.sigmoid(self.leak_logit).to(current.dtype)
+        else:
+            leak = torch.tensor(self.fixed_leak, dtype=current.dtype, device=current.device)
         spikes = lif_multistep(current, leak, self.threshold, self.reset, self.surrogate, self.alpha,
                                self.detach_reset, self.initial_membrane)
         if self.counter is not None:

@@ -1,0 +1,292 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer, pipeline
+
+from spikelm import SpikeLMCache, SpikeLMConfig, SpikeLMForCausalLM
+from spikelm.modeling_spikelm import sdsa_parallel, sdsa_recurrent, ssa_parallel, ssa_recurrent
+from conftest import REPO, tiny_config
+
+KINDS = ["ssa", "sdsa"]
+
+
+def tiny_model(kind="ssa", dtype=torch.float32, **overrides):
+    model = SpikeLMForCausalLM(tiny_config(kind, **overrides)).to(dtype).eval()
+    return model
+
+
+# ---------------------------------------------------------------- spike-driven
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_weight_matrix_receives_only_spikes(kind):
+    model = tiny_model(kind)
+    seen = []
+
+    def check(module, inputs, output):
+        seen.append(bool(((inputs[0] == 0) | (inputs[0] == 1)).all()))
+        seen.append(bool((inputs[0] == 1).any()))  # spikes did flow
+
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 5 * model.config.num_hidden_layers + 1  # q, kv, o, fc_in, fc_out; head
+    for m in linears:
+        m.register_forward_hook(check)
+    ids = torch.randint(0, 48, (2, 12))
+    model(ids, use_cache=False)
+    out = model(ids[:, :6])  # prefill, then one recurrent step
+    model(ids[:, 6:7], cache=out.cache)
+    assert len(seen) == 2 * 3 * len(linears)
+    assert all(seen[0::2]), "a weight matrix received a value that is not 0 or 1"
+    assert sum(seen[1::2]) >= len(linears), "too few spikes flowed for the check to mean anything"
+
+
+# ---------------------------------------------------------------- parallel == recurrent
+
+
+def random_spikes(*shape, rate=0.3):
+    return (torch.rand(*shape) < rate).float()
+
+
+@pytest.mark.parametrize("n", [1, 5, 33, 300])
+def test_ssa_parallel_equals_recurrent(n):
+    T, B, H, d = 2, 2, 3, 8
+    q, k, v = (random_spikes(T, B, H, n, d) for _ in range(3))
+    decay = torch.tensor([0.5, 0.9, 1.0])
+    mask = torch.ones(B, n)
+    zero = (torch.zeros(T, B, H, d, d), torch.zeros(B, H))
+    parallel, (S_par, z_par) = ssa_parallel(q, k, v, decay, 0.25, mask, zero)
+    state, outs = zero, []
+    for i in range(n):
+        out, state = ssa_recurrent(q[..., i, :], k[..., i, :], v[..., i, :], decay, 0.25, mask[:, i], state)
+        outs.append(out)
+    recurrent = torch.stack(outs, dim=-2)
+    assert (parallel - recurrent).abs().max() <= 1e-5
+    assert (S_par - state[0]).abs().max() <= 1e-4 * max(1.0, state[0].abs().max())
+    # two chunks continuing from the carried state give the same read-out as one
+    if n > 2:
+        half = n // 2
+        first, carried = ssa_parallel(q[..., :half, :], k[..., :half, :], v[..., :half, :], decay, 0.25,
+                                      mask[:, :half], zero)
+        second, _ = ssa_parallel(q[..., half:, :], k[..., half:, :], v[..., half:, :], decay, 0.25,
+                                 mask[:, half:], carried)
+        assert (torch.cat([first, second], -2) - parallel).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("n", [1, 5, 33, 300])
+def test_sdsa_parallel_equals_recurrent(n):
+    T, B, H, d = 2, 2, 3, 8
+    k, v = random_spikes(T, B, H, n, d), random_spikes(T, B, H, n, d)
+    decay = torch.tensor([0.5, 0.9, 1.0])
+    mask = torch.ones(B, n)
+    zero = (torch.zeros(T, B, H, d), torch.zeros(B, H))
+    parallel, _ = sdsa_parallel(k, v, decay, mask, zero)
+    state, outs = zero, []
+    for i in range(n):
+        out, state = sdsa_recurrent(k[..., i, :], v[..., i, :], decay, mask[:, i], state)
+        outs.append(out)
+    assert (parallel - torch.stack(outs, dim=-2)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_model_logits_parallel_equal_token_by_token_decoding(kind):
+    # float64: a rounding difference between the two forms could flip a spike sitting at its threshold
+    model = tiny_model(kind, torch.float64)
+    ids = torch.randint(0, 48, (2, 40))
+    with torch.no_grad():
+        parallel = model(ids, use_cache=False).logits
+        cache, steps = None, []
+        for i in range(ids.shape[1]):
+            out = model(ids[:, i:i + 1], cache=cache, use_cache=True)
+            cache = out.cache
+            steps.append(out.logits)
+        # a prefill of 25 tokens, then recurrent steps
+        out = model(ids[:, :25], use_cache=True)
+        mixed = [out.logits]
+        for i in range(25, 40):
+            out = model(ids[:, i:i + 1], cache=out.cache)
+            mixed.append(out.logits)
+    assert isinstance(cache, SpikeLMCache) and cache.get_seq_length() == 40
+    assert (parallel - torch.cat(steps, 1)).abs().max() <= 1e-4
+    assert (parallel - torch.cat(mixed, 1)).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_causality(kind):
+    model = tiny_model(kind)
+    ids = torch.randint(0, 48, (1, 30))
+    with torch.no_grad():
+        base = model(ids, use_cache=False).logits
+        for j in (0, 7, 29):
+            changed = ids.clone()
+            changed[0, j] = (changed[0, j] + 1) % 48
+            logits = model(changed, use_cache=False).logits
+            assert torch.equal(logits[:, :j], base[:, :j])
+            if j == 0:
+                assert not torch.equal(logits, base)
+
+
+def test_recurrent_state_size_does_not_grow():
+    model = tiny_model("ssa")
+    with torch.no_grad():
+        short = model(torch.randint(0, 48, (1, 10)), use_cache=True).cache
+        short = model(torch.randint(0, 48, (1, 1)), cache=short).cache
+        long = model(torch.randint(0, 48, (1, 1999)), use_cache=True).cache
+        long = model(torch.randint(0, 48, (1, 1)), cache=long).cache
+    assert short.get_seq_length() == 11 and long.get_seq_length() == 2000
+    assert short.state_size_bytes() == long.state_size_bytes() > 0
+
+
+def test_wrong_shapes_name_the_expected_one():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"\[B, N\]"):
+        model(torch.randint(0, 48, (2, 3, 4)))
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(torch.randint(0, 48, (2, 5)), attention_mask=torch.ones(3, 5))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden_size", 31, "hidden_size"),
+    ("attention_type", "softmax", "attention_type"),
+    ("leak", 1.5, "leak"),
+    ("threshold", 0.0, "threshold"),
+    ("surrogate", "relu", "surrogate"),
+    ("reset", "none", "reset"),
+    ("time_steps", 0, "time_steps"),
+    ("attention_decay", [0.5], "attention_decay"),
+    ("norm_type", "batchnorm", "norm_type"),
+])
+def test_bad_config_values_fail_at_construction(field, value, message):
+    with pytest.raises(Exception, match=message):
+        tiny_config(**{field: value})
+
+
+# ---------------------------------------------------------------- Hugging Face contract
+
+
+def test_save_and_load_round_trip_without_pickle(tmp_path, char_tokenizer):
+    model = tiny_model("ssa", vocab_size=len(char_tokenizer))
+    model.save_pretrained(tmp_path)
+    char_tokenizer.save_pretrained(tmp_path)
+    files = {p.name for p in tmp_path.iterdir()}
+    assert "model.safetensors" in files
+    assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))]
+    assert {"modeling_spikelm.py", "configuration_spikelm.py", "neurons.py"} <= files
+    assert "AutoModelForCausalLM" in json.loads((tmp_path / "config.json").read_text())["auto_map"]
+
+    ids = torch.randint(0, len(char_tokenizer), (2, 16))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        assert type(loaded) is SpikeLMForCausalLM
+        assert torch.equal(loaded(ids, use_cache=False).logits, expected)
+    assert AutoTokenizer.from_pretrained(tmp_path).decode(char_tokenizer("To be")["input_ids"]) == "To be"
+
+    # a fresh process that never imports spikelm loads the copied code
+    torch.save(ids, tmp_path / "ids.pt")
+    script = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True).eval()
+ids = torch.load({str(tmp_path / 'ids.pt')!r})
+with torch.no_grad():
+    torch.save(model(ids, use_cache=False).logits, {str(tmp_path / 'remote.pt')!r})
+assert "spikelm" not in sys.modules, "spikelm was imported"
+print(type(model).__module__)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "transformers_modules" in run.stdout
+    assert torch.equal(torch.load(tmp_path / "remote.pt"), expected)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_generate_equals_argmax_by_hand(kind):
+    model = tiny_model(kind)
+    prompt = torch.randint(0, 48, (1, 7))
+    generated = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(12):
+            next_id = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_id], 1)
+    assert torch.equal(generated, ids)
+
+
+def test_left_padded_batch_generates_like_single_prompts():
+    model = tiny_model("ssa", torch.float64)
+    a, b = torch.randint(3, 48, (1, 9)), torch.randint(3, 48, (1, 5))
+    pad = torch.full((1, 4), 2)
+    batch = torch.cat([a, torch.cat([pad, b], 1)])
+    mask = torch.cat([torch.ones(1, 9), torch.cat([torch.zeros(1, 4), torch.ones(1, 5)], 1)]).long()
+    together = model.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=2)
+    alone_a = model.generate(a, max_new_tokens=8, do_sample=False, pad_token_id=2)
+    alone_b = model.generate(b, max_new_tokens=8, do_sample=False, pad_token_id=2)
+    assert torch.equal(together[0, 9:], alone_a[0, 9:])
+    assert torch.equal(together[1, 9:], alone_b[0, 5:])
+
+
+def test_sampling_options_streamer_and_stop_strings(char_tokenizer):
+    model = tiny_model("sdsa", vocab_size=len(char_tokenizer))
+    ids = char_tokenizer("To be", return_tensors="pt")["input_ids"]
+    out = model.generate(ids, do_sample=True, top_k=5, top_p=0.9, temperature=0.8, repetition_penalty=1.3,
+                         max_new_tokens=10, pad_token_id=2)
+    assert out.shape == (1, ids.shape[1] + 10)
+    beams = model.generate(ids, num_beams=3, max_new_tokens=6, do_sample=False, pad_token_id=2)
+    assert beams.shape == (1, ids.shape[1] + 6)
+    streamer = TextIteratorStreamer(char_tokenizer, skip_prompt=True)
+    import threading
+    thread = threading.Thread(target=model.generate, kwargs=dict(input_ids=ids, max_new_tokens=10, do_sample=False,
+                                                                 streamer=streamer, pad_token_id=2))
+    thread.start()
+    streamed = "".join(streamer)
+    thread.join()
+    greedy = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=2)
+    assert streamed == char_tokenizer.decode(greedy[0, ids.shape[1]:])
+    # a stop string made of the greedy continuation's first characters ends generation there
+    stop = char_tokenizer.decode(greedy[0, ids.shape[1]:ids.shape[1] + 2])
+    stopped = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=2, stop_strings=[stop],
+                             tokenizer=char_tokenizer)
+    assert stopped.shape[1] <= ids.shape[1] + 2 + 1
+
+
+def test_text_generation_pipeline(tmp_path, char_tokenizer):
+    tiny_model("ssa", vocab_size=len(char_tokenizer)).save_pretrained(tmp_path)
+    char_tokenizer.save_pretrained(tmp_path)
+    generator = pipeline("text-generation", model=str(tmp_path))
+    result = generator("To be", max_new_tokens=8, do_sample=False)
+    assert isinstance(result[0]["generated_text"], str)
+    assert result[0]["generated_text"].startswith("To be") and len(result[0]["generated_text"]) > len("To be")
+
+
+def test_trainer_trains_and_loss_falls(tmp_path, char_tokenizer):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from conftest import shakespeare_text
+
+    ids = char_tokenizer(shakespeare_text(40_000))["input_ids"]
+    block = 64
+    blocks = [ids[i:i + block] for i in range(0, len(ids) - block, block)]
+    train = Dataset.from_dict({"input_ids": blocks[:-8], "labels": blocks[:-8]})
+    held_out = torch.tensor(blocks[-8:])
+    model = SpikeLMForCausalLM(tiny_config("ssa", vocab_size=len(char_tokenizer), hidden_size=64, intermediate_size=128))
+    model.eval()
+    with torch.no_grad():
+        before = model(held_out, labels=held_out).loss.item()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=8,
+                             learning_rate=5e-3, warmup_steps=3, logging_steps=5, use_cpu=True, report_to="none",
+                             save_strategy="no", disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=train)
+    trainer.train()
+    model.eval()
+    with torch.no_grad():
+        after = model(held_out, labels=held_out).loss.item()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert trainer.state.global_step == 30
+    assert after < before - 0.5, (before, after)
+    assert losses[-1] < losses[0]
