@@ -56,7 +56,8 @@ class SpikeLMConfig(PreTrainedConfig):
     attention_decay: list[float] | None = None
     learn_decay: bool = False  # learn the decays (kept in (0, 1))
     token_shift: bool = True  # K and V also see the previous token's spikes
-    # Read-out scale; None means 1 / sqrt(d) for "ssa". "sdsa" divides by the decay sum only.
+    # Read-out scale; None means 64 / d for "ssa" (so that spikes firing at ~1/4 reach the threshold).
+    # "sdsa" divides by the decay sum only.
     attention_scale: float | None = None
 
     # --- the rest ---

@@ -231,7 +231,10 @@ class SpikeLMAttention(nn.Module):
         self.head_dim = config.head_dim
         self.token_shift = config.token_shift
         D = config.hidden_size
-        self.scale = config.attention_scale or (1.0 / math.sqrt(self.head_dim) if self.kind == "ssa" else 1.0)
+        # The read-out is a decayed mean of (q . k) v: about d r^3 for spikes firing at rate r. 64 / d brings
+        # rates near 1/4 to the threshold; 1 / sqrt(d) left the read-out neurons silent and the copy task
+        # unlearnt (see tests/test_copy_task.py). "sdsa" reads out a mean in [0, 1] and needs no scale.
+        self.scale = config.attention_scale or (64.0 / self.head_dim if self.kind == "ssa" else 1.0)
         self.q_proj = nn.Linear(D, D, bias=False)
         # K and V read the current token's spikes and, with token shift, the previous token's (a width-2 causal
         # convolution on spikes): [s_i ; s_{i-1}] -> [k ; v]

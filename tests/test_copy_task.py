@@ -32,7 +32,7 @@ def repeated_half_accuracy(model, batch):
 def test_attention_learns_to_copy_and_zeroing_it_falls_to_chance():
     torch.manual_seed(0)
     config = tiny_config("ssa", vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=128, attention_scale=2.0)
+                         intermediate_size=128)  # the default read-out scale: 64 / d = 2
     model = SpikeLMForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     held_out = copy_batch(512, torch.Generator().manual_seed(1))
