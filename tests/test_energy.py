@@ -13,9 +13,10 @@ def hand_model():
     LayerNorm is about [1.342, 0.447, -0.447, -1.342]: over two steps (leak 0.5, threshold 1) the first
     element spikes twice (1.342; 0.171 + 1.342) and the others never, in each neuron fed by a norm.
     W_q = 2I and W_kv = [2I 0; 2I 0]: q, k and v spike in element 0 at both steps. Every other matrix is
-    zero, so the residual stream never changes and the attention read-out (0.5 at most) never spikes."""
+    zero, so the residual stream never changes; with scale 0.5 the attention read-out (0.5 at most: one
+    coinciding spike, divided by the decay sum) never spikes."""
     config = tiny_config("ssa", vocab_size=3, hidden_size=4, num_hidden_layers=1, num_attention_heads=1,
-                         time_steps=2, intermediate_size=8, leak=0.5, threshold=1.0)
+                         time_steps=2, intermediate_size=8, leak=0.5, threshold=1.0, attention_scale=0.5)
     model = SpikeLMForCausalLM(config).eval()
     with torch.no_grad():
         for p in model.parameters():
