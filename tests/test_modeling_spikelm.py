@@ -290,3 +290,17 @@ def test_trainer_trains_and_loss_falls(tmp_path, char_tokenizer):
     assert trainer.state.global_step == 30
     assert after < before - 0.5, (before, after)
     assert losses[-1] < losses[0]
+
+
+def test_auto_classes_find_spikelm():
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.for_model("spikelm", vocab_size=48, hidden_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2)
+    assert type(config) is SpikeLMConfig
+    base = AutoModel.from_config(config)
+    assert type(base).__name__ == "SpikeLMModel"
+    out = base(torch.randint(0, 48, (1, 5)), use_cache=False)
+    assert out.spikes.shape == (config.time_steps, 1, 5, 32)
+    assert out.last_hidden_state.shape == (1, 5, 32)
+    assert type(AutoModelForCausalLM.from_config(config)) is SpikeLMForCausalLM
