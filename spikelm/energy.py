@@ -195,9 +195,14 @@ class EnergyCounter:
     def head_average(self, module, logits):
         self.add("head", "weights", head_average_ops(logits.shape[-1], logits.numel() // logits.shape[-1]))
 
-    def model(self, module, inputs, output):
+    def model(self, module, args, kwargs, output):
+        # tokens are the real positions: padded ones are computed, and their cost is charged to the real ones
         spikes = output.spikes
-        self.tokens += spikes.shape[1] * spikes.shape[2]
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            self.tokens += spikes.shape[1] * spikes.shape[2]
+        else:
+            self.tokens += int(torch.count_nonzero(mask[:, -spikes.shape[2]:]))
 
     # --- results
     def report(self, e_ac=E_AC_PJ, e_mac=E_MAC_PJ, reference_macs=None):
@@ -271,7 +276,7 @@ def count_energy(model, counter=None):
         elif cls.endswith("Block"):
             handles.append(module.register_forward_hook(counter.block))
         elif cls == "SpikeLMModel":
-            handles.append(module.register_forward_hook(counter.model))
+            handles.append(module.register_forward_hook(counter.model, with_kwargs=True))
         if hasattr(module, "counter") and cls != "SpikeLMModel":  # neurons, attention, the LM head's average
             module.counter = counter
             flagged.append(module)

@@ -134,9 +134,9 @@ class SpikeLMStateLayer:
     is_sliding = False
     is_croppable = False
     is_initialized = True
-    has_previous_state = {0: False}
 
     def __init__(self):
+        self.has_previous_state = {0: False}
         self.attention_state = None  # [T, B, H, d, d] or [T, B, H, d]
         self.decay_sum = None  # [B, H]
         self.previous_spikes = None  # [T, B, D]

@@ -1,0 +1,36 @@
+# spikelm's OpenAI-compatible server on CPU.
+#   docker build -t spikelm .
+#   docker run --rm -p 8000:8000 -v "$PWD/runs:/app/runs" spikelm
+#   docker run --rm -p 8000:8000 -v /path/to/model:/model -e SPIKELM_MODEL=/model -e SPIKELM_API_KEY=... spikelm
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    SPIKELM_MODEL=/app/runs/quickstart \
+    SPIKELM_PORT=8000
+
+WORKDIR /app
+
+# torch first, pinned, so that the package's range (torch<2.14) accepts it and nothing later replaces it.
+# On x86-64, --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu gets the small CPU-only wheel.
+ARG TORCH_INDEX_URL=""
+RUN pip install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+
+# dependencies before the source, so that a code change does not reinstall them
+COPY pyproject.toml README.md ./
+COPY spikelm ./spikelm
+COPY serve ./serve
+RUN pip install ".[serve]"
+
+RUN useradd --create-home --uid 10001 spikelm && mkdir -p /app/runs && chown spikelm /app/runs
+USER spikelm
+
+EXPOSE 8000
+# Inside a container the server must listen on all interfaces for -p to reach it.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
+    CMD python -c "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ[\"SPIKELM_PORT\"]}/health', timeout=4)"
+# A shell form, so that SPIKELM_MODEL and SPIKELM_PORT are read at run time; exec keeps signals reaching python.
+CMD ["sh", "-c", "exec spikelm serve --model \"$SPIKELM_MODEL\" --host 0.0.0.0 --port \"$SPIKELM_PORT\""]

@@ -1,0 +1,405 @@
+"""The HTTP app: OpenAI-compatible endpoints over one Engine.
+
+create_app(settings) builds a FastAPI app; its lifespan loads the model and tokenizer into app.state and
+starts the engine thread. Handlers parse and check the request (every bad one gets a 4xx in OpenAI's error
+shape), hand token ids to the engine, and relay its events as a JSON response or server-sent events.
+Blocking work (tokenising, loading) runs in worker threads; the model runs only in the engine thread.
+"""
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import schemas
+from .engine import Engine, EngineBusy, EngineStopped, SamplingParams
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .settings import ServeSettings
+
+logger = logging.getLogger("spikelm.serving")
+
+# Used when the tokenizer has no chat template of its own: "role: content" lines, then "assistant:".
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+
+
+class APIError(Exception):
+    """A request the server refuses, answered in OpenAI's error shape."""
+
+    def __init__(self, status, message, type="invalid_request_error", param=None, code=None, headers=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def response(self):
+        body = schemas.ErrorResponse(error=schemas.ErrorBody(message=self.message, type=self.type, param=self.param,
+                                                            code=self.code))
+        return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
+
+
+class RequestCounter:
+    """Counts requests by endpoint and status (pure ASGI: it does not get between a stream and its client)."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = None
+
+        async def send_and_note(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            if status is not None:
+                endpoint = scope["path"] if scope["path"] in ROUTES else "other"
+                self.metrics.requests.labels(endpoint, str(status)).inc()
+
+
+# ================================================================ loading
+
+
+def load_model_and_tokenizer(path):
+    import spikelm  # noqa: F401  (registers the Auto classes)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    return model, tokenizer
+
+
+# ================================================================ request parsing
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body is {declared} bytes, over this server's limit of {limit}",
+                       code="body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"request body is over this server's limit of {limit} bytes", code="body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json(raw: bytes, model_class):
+    if not raw:
+        raise APIError(400, "request body is empty: send a JSON object")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise APIError(400, f"request body is not valid UTF-8 (byte {error.start})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise APIError(400, f"request body is not valid JSON: {error.msg} at line {error.lineno} "
+                            f"column {error.colno}") from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply") from None
+    try:
+        return model_class.model_validate(data)
+    except ValidationError as error:
+        problems = error.errors(include_url=False)
+        first = problems[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        message = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in problems[:3])
+        raise APIError(400, message, param=param) from None
+
+
+def check_api_key(request: Request, api_key: str | None):
+    if api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+        raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                       type="authentication_error", code="invalid_api_key")
+
+
+# ================================================================ the app
+
+
+def create_app(settings: ServeSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        model, tokenizer = await asyncio.to_thread(load_model_and_tokenizer, settings.model)
+        engine = Engine(model, tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,
+                        dtype=getattr(torch, settings.dtype), threads=settings.threads,
+                        e_ac_pj=settings.e_ac_pj, e_mac_pj=settings.e_mac_pj)
+        engine.start()
+        app.state.tokenizer, app.state.engine = tokenizer, engine
+        app.state.started = int(time.time())
+        logger.info("serving %s as %r (max batch %d, %s)", settings.model, settings.served_model_name,
+                    settings.max_batch, settings.dtype)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="spikelm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.settings = settings
+    app.state.engine = None
+    app.state.metrics = ServerMetrics(lambda: app.state.engine)
+
+    # ---------------------------------------------------------------- errors in OpenAI's shape
+    @app.exception_handler(APIError)
+    async def _api_error(request, error: APIError):
+        return error.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, error: StarletteHTTPException):
+        kind = "not_found_error" if error.status_code == 404 else "invalid_request_error"
+        return APIError(error.status_code, str(error.detail), type=kind).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, error: Exception):
+        logger.exception("unexpected error")
+        return APIError(500, "internal error", type="server_error").response()
+
+    app.add_middleware(RequestCounter, metrics=app.state.metrics)
+
+    # ---------------------------------------------------------------- endpoints
+    @app.get("/health")
+    async def health():
+        engine = app.state.engine
+        if engine is None or not engine.alive:
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return {"status": "ok", "active_sequences": engine.active_count, "queue_depth": engine.waiting_count}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(app.state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_api_key(request, settings.api_key)
+        card = schemas.ModelCard(id=settings.served_model_name, created=app.state.started)
+        return schemas.ModelList(data=[card]).model_dump()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        check_api_key(request, settings.api_key)
+        body = parse_json(await read_body(request, settings.max_body_bytes), schemas.CompletionRequest)
+        check_model_name(body.model)
+        prompt_ids = await asyncio.to_thread(encode_prompt, body.prompt)
+        params = sampling_params(body, body.max_tokens)
+        return await generate(request, "text_completion", prompt_ids, params, body)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_api_key(request, settings.api_key)
+        body = parse_json(await read_body(request, settings.max_body_bytes), schemas.ChatCompletionRequest)
+        check_model_name(body.model)
+        prompt_ids = await asyncio.to_thread(encode_chat, body.messages)
+        params = sampling_params(body, body.requested_max_tokens() or settings.default_max_tokens)
+        return await generate(request, "chat.completion", prompt_ids, params, body)
+
+    # ---------------------------------------------------------------- helpers that need the settings
+    def check_model_name(name):
+        if name is not None and name not in (settings.served_model_name, settings.model):
+            raise APIError(404, f"model {name!r} is not served here; this server serves "
+                                f"{settings.served_model_name!r}", param="model", code="model_not_found")
+
+    def sampling_params(body, max_tokens) -> SamplingParams:
+        if max_tokens > settings.max_tokens:
+            raise APIError(400, f"max_tokens is {max_tokens}, over this server's limit of {settings.max_tokens}",
+                           param="max_tokens")
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              top_k=body.top_k, stop=body.stop_list(), seed=body.seed)
+
+    def checked_prompt(ids, param):
+        tokenizer, vocab = app.state.tokenizer, app.state.engine.config.vocab_size
+        if not ids:
+            if tokenizer.bos_token_id is None:
+                raise APIError(400, "the prompt is empty: send at least one token", param=param)
+            ids = [tokenizer.bos_token_id]
+        if len(ids) > settings.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {len(ids)} tokens, over this server's limit of "
+                                f"{settings.max_prompt_tokens}", param=param, code="context_length_exceeded")
+        if max(ids) >= vocab:
+            raise APIError(400, f"token id {max(ids)} is outside the vocabulary (size {vocab})", param=param)
+        return ids
+
+    def encode_prompt(prompt):
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            return checked_prompt(prompt, "prompt")
+        text = prompt[0] if isinstance(prompt, list) else prompt
+        return checked_prompt(app.state.tokenizer(text)["input_ids"], "prompt")
+
+    def encode_chat(messages):
+        tokenizer = app.state.tokenizer
+        conversation = [{"role": m.role, "content": m.text()} for m in messages]
+        template = None if getattr(tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
+        try:
+            text = tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=True)
+        except Exception as error:  # a template may refuse a conversation (e.g. roles out of order)
+            raise APIError(400, f"the chat template refused the messages: {error}", param="messages") from None
+        return checked_prompt(tokenizer(text, add_special_tokens=False)["input_ids"], "messages")
+
+    async def generate(request, kind, prompt_ids, params, body):
+        engine = app.state.engine
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_event(event):  # engine thread -> this request's event loop
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        arrived = time.monotonic()
+        try:
+            sequence = engine.submit(prompt_ids, params, on_event)
+        except EngineBusy as error:
+            raise APIError(503, f"the server is busy ({error}); retry later", type="server_overloaded",
+                           code="overloaded", headers={"Retry-After": str(settings.retry_after_s)}) from None
+        except EngineStopped as error:
+            raise APIError(503, str(error), type="server_unavailable",
+                           headers={"Retry-After": str(settings.retry_after_s)}) from None
+        reply = Reply(app, kind, settings.served_model_name, len(prompt_ids), arrived)
+        if body.stream:
+            return StreamingResponse(reply.stream(events, engine, sequence, body.include_usage_in_stream()),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await reply.whole(events, engine, sequence, request)
+
+    return app
+
+
+# ================================================================ replies
+
+
+def energy_usage(usage) -> dict:
+    """The request's energy figures, per generated token (see schemas.EnergyUsage)."""
+    tokens = max(usage.completion_tokens, 1)
+    return dict(energy_joules=usage.pj * 1e-12, energy_pj_per_token=usage.pj / tokens,
+                energy_ac_per_token=usage.energy.ac / tokens, energy_mac_per_token=usage.energy.mac / tokens,
+                energy_firing_rate=usage.energy.firing_rate, energy_gpt2_pj_per_token=usage.gpt2_pj / tokens,
+                energy_ratio_to_gpt2=usage.pj / usage.gpt2_pj if usage.gpt2_pj else 0.0,
+                energy_tokens_processed=usage.tokens_processed)
+
+
+def make_usage(usage) -> schemas.Usage:
+    return schemas.Usage(prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+                         total_tokens=usage.prompt_tokens + usage.completion_tokens, **energy_usage(usage))
+
+
+def token_energy(event) -> schemas.TokenEnergy:
+    e = event.energy
+    return schemas.TokenEnergy(pj=event.pj, ac=e.ac, mac=e.mac, firing_rate=e.firing_rate)
+
+
+class Reply:
+    """Relays one request's engine events as a JSON body or as server-sent events, and records its metrics."""
+
+    def __init__(self, app, kind, model_name, prompt_tokens, arrived):
+        self.app, self.kind, self.model_name = app, kind, model_name
+        self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.prompt_tokens = prompt_tokens
+        self.arrived = arrived
+        self.first_token_at = None
+
+    def _observe(self, event):
+        metrics = self.app.state.metrics
+        now = time.monotonic()
+        if self.first_token_at is None and event.token_id is not None:
+            self.first_token_at = now
+            metrics.time_to_first_token.observe(now - self.arrived)
+        if event.usage is not None:
+            usage = event.usage
+            metrics.prompt_tokens.inc(usage.prompt_tokens)
+            metrics.generation_tokens.inc(usage.completion_tokens)
+            metrics.energy_joules.inc(usage.pj * 1e-12)
+            metrics.energy_pj_per_token.observe(usage.pj / max(usage.completion_tokens, 1))
+            if usage.completion_tokens > 1 and now > self.first_token_at:
+                metrics.tokens_per_second.observe((usage.completion_tokens - 1) / (now - self.first_token_at))
+
+    async def whole(self, events, engine, sequence, request):
+        texts, finish = [], None
+        try:
+            while finish is None:
+                try:
+                    event = await asyncio.wait_for(events.get(), timeout=1.0)
+                except TimeoutError:
+                    if await request.is_disconnected():  # nobody waits for the answer: free the slot
+                        engine.cancel(sequence)
+                        return Response(status_code=499)
+                    continue
+                if event.error:
+                    raise APIError(503, event.error, type="server_error")
+                self._observe(event)
+                texts.append(event.text)
+                finish = event.finish_reason
+        finally:
+            if finish is None:
+                engine.cancel(sequence)
+        text = "".join(texts)
+        usage = make_usage(event.usage)
+        if self.kind == "chat.completion":
+            choice = schemas.ChatChoice(message=schemas.ChatResponseMessage(content=text), finish_reason=finish)
+            body = schemas.ChatCompletionResponse(id=self.id, created=self.created, model=self.model_name,
+                                                  choices=[choice], usage=usage)
+        else:
+            body = schemas.CompletionResponse(id=self.id, created=self.created, model=self.model_name,
+                                              choices=[schemas.CompletionChoice(text=text, finish_reason=finish)],
+                                              usage=usage)
+        return JSONResponse(body.model_dump(exclude_none=False))
+
+    def _chunk(self, event, first):
+        energy = token_energy(event)
+        if self.kind == "chat.completion":
+            delta = schemas.ChatDelta(role="assistant" if first else None, content=event.text)
+            choice = schemas.ChatStreamChoice(delta=delta, finish_reason=event.finish_reason, energy=energy)
+            chunk = schemas.ChatCompletionChunk(id=self.id, created=self.created, model=self.model_name,
+                                                choices=[choice])
+        else:
+            choice = schemas.CompletionStreamChoice(text=event.text, finish_reason=event.finish_reason,
+                                                    energy=energy)
+            chunk = schemas.CompletionResponse(id=self.id, created=self.created, model=self.model_name,
+                                               choices=[choice])
+        return chunk.model_dump()
+
+    def _usage_chunk(self, usage):
+        object_name = "chat.completion.chunk" if self.kind == "chat.completion" else "text_completion"
+        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model_name,
+                "choices": [], "usage": make_usage(usage).model_dump()}
+
+    async def stream(self, events, engine, sequence, include_usage):
+        finished, first = False, True
+        try:
+            while not finished:
+                event = await events.get()
+                if event.error:
+                    error = {"error": {"message": event.error, "type": "server_error", "param": None, "code": None}}
+                    yield f"data: {json.dumps(error)}\n\n"
+                    break
+                self._observe(event)
+                yield f"data: {json.dumps(self._chunk(event, first))}\n\n"
+                first = False
+                finished = event.finish_reason is not None
+            if finished and include_usage:
+                yield f"data: {json.dumps(self._usage_chunk(event.usage))}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            # the client went away (the send failed or the stream was cancelled): free the slot at the next step
+            if not finished:
+                engine.cancel(sequence)

@@ -1,0 +1,49 @@
+"""`spikelm serve --model DIR`: the OpenAI-compatible HTTP server (uvicorn)."""
+
+import argparse
+import logging
+
+from .settings import ServeSettings
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    defaults = ServeSettings.__dataclass_fields__
+    d = lambda name: defaults[name].default  # noqa: E731
+    parser.add_argument("--model", required=True, help="a saved spikelm directory (model and tokenizer)")
+    parser.add_argument("--served-model-name", default=None, help="the name clients send (default: the directory's)")
+    parser.add_argument("--host", default=d("host"), help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=d("port"))
+    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 "
+                                                        "(or set SPIKELM_API_KEY)")
+    parser.add_argument("--max-batch", type=int, default=d("max_batch"), help="sequences decoded together")
+    parser.add_argument("--max-queue", type=int, default=d("max_queue"),
+                        help="requests that may wait for a slot; beyond it the server answers 503")
+    parser.add_argument("--max-prompt-tokens", type=int, default=d("max_prompt_tokens"))
+    parser.add_argument("--max-tokens", type=int, default=d("max_tokens"), help="most tokens one request generates")
+    parser.add_argument("--default-max-tokens", type=int, default=d("default_max_tokens"),
+                        help="for chat requests that name none")
+    parser.add_argument("--max-body-bytes", type=int, default=d("max_body_bytes"))
+    parser.add_argument("--dtype", choices=["float64", "float32"], default=d("dtype"),
+                        help="float64 (default) keeps each sequence's output independent of the batch")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for the engine")
+    parser.add_argument("--log-level", default="info")
+
+
+def run(args) -> int:
+    import uvicorn
+
+    from .app import create_app
+
+    settings_kwargs = dict(model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
+                           max_batch=args.max_batch, max_queue=args.max_queue,
+                           max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+                           default_max_tokens=args.default_max_tokens, max_body_bytes=args.max_body_bytes,
+                           dtype=args.dtype, threads=args.threads)
+    if args.api_key:
+        settings_kwargs["api_key"] = args.api_key
+    settings = ServeSettings(**settings_kwargs)
+    settings.check_model_dir()
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
+                timeout_graceful_shutdown=5)
+    return 0

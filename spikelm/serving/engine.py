@@ -1,0 +1,487 @@
+"""The generation engine: one thread batches the decode steps of every active sequence.
+
+No web framework here: requests come in as token ids and sampling parameters, and go out as events (a token's
+text, the energy of the forward pass that made it, and at the end the request's usage) through a callback.
+
+How a request flows:
+    submit() -> a bounded waiting queue -> the engine thread takes it when a slot is free (max_batch),
+    runs its prompt alone (prefill, batch of one), samples the first token, and appends the sequence's
+    recurrent state to the batched cache. Every step then runs ONE forward over the last token of all active
+    sequences (the recurrent form: a fixed-size state per sequence) and samples each row with the sequence's
+    own generator. A finished or cancelled sequence leaves the batch through `batch_select_indices`.
+
+Determinism. A spike is a threshold: a rounding difference of one ulp can flip it, and a flipped spike changes
+everything after it. Matrix kernels sum in an order that depends on the batch size (a matrix-vector product
+for one row, blocked matrix products for many), so in float32 a sequence's numbers would depend on what else
+is in the batch. The engine therefore runs its copy of the model in float64 (the default `dtype`): every
+weight matrix in spikelm is fed spikes (0 or 1), so each output is a sum of float32 weights, which float64
+holds exactly (24-bit mantissas, well inside 53 bits) whatever the order; norms, neurons and the attention
+update work row by row. A sequence then gets the same numbers alone or in a batch of 32
+(tests/test_serving.py checks it).
+
+Energy. `RowEnergyCounter` takes count_energy's hooks but keeps every count per batch row, using the same
+rule functions as spikelm.energy, so a sequence's counts in a batched step equal what count_energy counts for
+that sequence alone (tests/test_serving_engine.py checks it). The prompt is counted in its own forward.
+"""
+
+import collections
+import itertools
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..energy import (E_AC_PJ, E_MAC_PJ, EnergyCounter, _is_binary, count_energy, gpt2_reference_counts,
+                      head_average_ops, neuron_ops, norm_ops, residual_ops, sdsa_ops, ssa_ops,
+                      weight_ops_on_reals, weight_ops_on_spikes)
+
+logger = logging.getLogger("spikelm.serving")
+
+
+class EngineBusy(Exception):
+    """Every slot is taken and the waiting queue is full: try again later."""
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down."""
+
+
+# ================================================================ energy per batch row
+
+
+def _per_row(x):
+    """Non-zeros of each batch row of x [T, B, ...] (batch in dim 1) -> [B] int64."""
+    return torch.count_nonzero(x.transpose(0, 1).reshape(x.shape[1], -1), dim=1)
+
+
+class RowEnergyCounter(EnergyCounter):
+    """count_energy's counters with every count kept per batch row (dim 1 of [T, B, n, ...], dim 0 of logits).
+
+    The arithmetic is spikelm.energy's rule functions, applied to per-row counts instead of batch totals.
+    """
+
+    def start(self, rows: int):
+        self.rows = rows
+        zeros = lambda: torch.zeros(rows, dtype=torch.int64)  # noqa: E731
+        self.row_ac, self.row_mac, self.row_spikes, self.row_neuron_steps = zeros(), zeros(), zeros(), zeros()
+        return self
+
+    def _add(self, ops):
+        ac, mac = ops
+        self.row_ac += ac
+        self.row_mac += mac
+
+    def _rows_of(self, x, dim=1):
+        if x.shape[dim] != self.rows:
+            raise RuntimeError(f"RowEnergyCounter expected {self.rows} rows in dim {dim}, got {tuple(x.shape)}")
+        return x.numel() // self.rows  # elements per row
+
+    def linear(self, module, inputs, output):
+        x = inputs[0]
+        per_row = self._rows_of(x)
+        if _is_binary(x):
+            self._add(weight_ops_on_spikes(module.out_features, _per_row(x)))
+        else:
+            self._add(weight_ops_on_reals(module.out_features, module.in_features, per_row // module.in_features))
+        if module.bias is not None:
+            self._add((output.numel() // self.rows, 0))
+
+    def norm(self, module, inputs, output):
+        kind = "layernorm" if isinstance(module, torch.nn.LayerNorm) else "rmsnorm"
+        width = inputs[0].shape[-1]
+        self._add(norm_ops(kind, width, self._rows_of(inputs[0]) // width))
+
+    def block(self, module, inputs, output):
+        width = inputs[0].shape[-1]
+        self._add(residual_ops(width, 2 * self._rows_of(inputs[0]) // width))
+
+    def __call__(self, neuron, spikes):
+        count = _per_row(spikes)
+        neurons = self._rows_of(spikes) // spikes.shape[0]
+        leak_is_one = neuron.leak_logit is None and neuron.fixed_leak == 1.0
+        self._add(neuron_ops(neurons, spikes.shape[0], count, leak_is_one, neuron.reset))
+        self.row_spikes += count
+        self.row_neuron_steps += spikes.numel() // self.rows
+
+    def attention(self, module, q, k, v, mask, attended):
+        T, B, n, D = q.shape
+        H, d = module.num_heads, module.head_dim
+        self._rows_of(q)
+        if module.kind == "ssa":
+            k_count = k.reshape(T, B, n, H, d).sum(-1).long()
+            v_count = v.reshape(T, B, n, H, d).sum(-1).long()
+            pairs = (k_count * v_count).sum(dim=(0, 2, 3))
+            self._add(ssa_ops(T, H, d, n, pairs, _per_row(q)))
+        else:
+            self._add(sdsa_ops(T, H, D, n, _per_row(k * v)))
+
+    def head_average(self, module, logits):
+        self._add(head_average_ops(logits.shape[-1], self._rows_of(logits, dim=0) // logits.shape[-1]))
+
+    def model(self, module, args, kwargs, output):
+        self.tokens += output.spikes.shape[1] * output.spikes.shape[2]
+
+    def row(self, i) -> "StepEnergy":
+        return StepEnergy(int(self.row_ac[i]), int(self.row_mac[i]), int(self.row_spikes[i]),
+                          int(self.row_neuron_steps[i]))
+
+
+@dataclass
+class StepEnergy:
+    """Operation counts of one sequence in one forward pass (or summed over several)."""
+
+    ac: int = 0
+    mac: int = 0
+    spikes: int = 0
+    neuron_steps: int = 0
+
+    def __iadd__(self, other):
+        self.ac += other.ac
+        self.mac += other.mac
+        self.spikes += other.spikes
+        self.neuron_steps += other.neuron_steps
+        return self
+
+    def picojoules(self, e_ac=E_AC_PJ, e_mac=E_MAC_PJ) -> float:
+        return e_ac * self.ac + e_mac * self.mac
+
+    @property
+    def firing_rate(self) -> float:
+        return self.spikes / self.neuron_steps if self.neuron_steps else 0.0
+
+
+# ================================================================ requests, sampling, text
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no cut
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+def sample_next(logits, params: SamplingParams, generator) -> int:
+    """One token id from logits [V] (float64) with the sequence's own generator."""
+    if params.temperature == 0 or params.top_k == 1:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
+        # drop a token when the tokens before it already reach top_p (the first token always stays)
+        drop = (cumulative - torch.softmax(sorted_logits, -1)) >= params.top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    probs = torch.softmax(logits, -1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class TextStream:
+    """Turns generated ids into text deltas: decodes all generated ids together (SentencePiece drops a word's
+    leading space when a token is decoded alone) and sends the new suffix; holds back text ending in U+FFFD
+    (an incomplete multi-byte character) and text that may be the start of a stop sequence."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.tokenizer = tokenizer
+        self.stops = stops
+        self.ids: list[int] = []
+        self.text = ""  # everything decoded so far
+        self.sent = 0  # characters of self.text already handed out
+
+    def push(self, token_id: int) -> tuple[str, bool]:
+        """Add a token; return (new text to send, whether a stop sequence was reached)."""
+        self.ids.append(token_id)
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        start = max(0, self.sent - max((len(s) for s in self.stops), default=0))
+        hits = [p for p in (self.text.find(s, start) for s in self.stops) if p >= 0]
+        if hits:
+            end = max(min(hits), self.sent)
+            self.text = self.text[:end]
+            return self._take(end), True
+        safe = len(self.text)
+        while safe > self.sent and self.text[safe - 1] == "\ufffd":
+            safe -= 1
+        for stop in self.stops:  # the longest tail of the text that could grow into a stop sequence
+            for length in range(min(len(stop) - 1, safe - self.sent), 0, -1):
+                if self.text[safe - length:safe] == stop[:length]:
+                    safe -= length
+                    break
+        return self._take(safe), False
+
+    def flush(self) -> str:
+        return self._take(len(self.text))
+
+    def _take(self, end):
+        delta = self.text[self.sent:end] if end > self.sent else ""
+        self.sent = max(self.sent, end)
+        return delta
+
+    @property
+    def sent_text(self) -> str:
+        return self.text[:self.sent]
+
+
+@dataclass
+class RequestUsage:
+    prompt_tokens: int
+    completion_tokens: int
+    energy: StepEnergy  # the whole request: prompt forward + every decode step
+    tokens_processed: int  # tokens that went through the model
+    pj: float
+    gpt2_pj: float  # the same-shape GPT-2 processing the same tokens (with a KV cache)
+
+
+@dataclass
+class SequenceEvent:
+    """What the engine tells a request: a token (its text delta and energy), and at the end why it finished
+    and the request's usage; or an error."""
+
+    text: str = ""
+    token_id: int | None = None
+    energy: StepEnergy | None = None
+    pj: float = 0.0
+    finish_reason: str | None = None  # "stop", "length"; None while generating
+    usage: RequestUsage | None = None
+    error: str | None = None
+
+
+class Sequence:
+    """One request inside the engine. `on_event` is called from the engine thread."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt_ids, params: SamplingParams, on_event, text_stream: TextStream):
+        self.id = next(self._ids)
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.on_event = on_event
+        self.text = text_stream
+        seed = params.seed if params.seed is not None else random.getrandbits(63)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.generated: list[int] = []
+        self.energy = StepEnergy()
+        self.tokens_processed = 0
+        self.cancelled = False
+        self.finished = False
+        self.submitted_at = time.monotonic()
+
+    def cancel(self):
+        """Called from any thread: the engine drops the sequence at its next step."""
+        self.cancelled = True
+
+
+# ================================================================ the engine
+
+
+def _concat_caches(batch, new):
+    """Append the rows of cache `new` to cache `batch` (in place); returns the batched cache."""
+    if batch is None:
+        return new
+    for layer, extra in zip(batch.layers, new.layers):
+        layer.attention_state = torch.cat([layer.attention_state, extra.attention_state], dim=1)
+        layer.previous_spikes = torch.cat([layer.previous_spikes, extra.previous_spikes], dim=1)
+        layer.decay_sum = torch.cat([layer.decay_sum, extra.decay_sum], dim=0)
+    batch.seen_tokens = max(batch.seen_tokens, new.seen_tokens)  # > 0 selects the recurrent form
+    return batch
+
+
+class Engine:
+    """Runs a model for many concurrent requests; one background thread does all the model work."""
+
+    def __init__(self, model, tokenizer, max_batch=32, max_queue=64, dtype=torch.float64, threads=None,
+                 e_ac_pj=E_AC_PJ, e_mac_pj=E_MAC_PJ):
+        self.model = model.to(dtype).eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.threads = threads
+        self.e_ac_pj, self.e_mac_pj = e_ac_pj, e_mac_pj
+        eos = {tokenizer.eos_token_id, *(self.config.eos_token_id if isinstance(self.config.eos_token_id, list)
+                                         else [self.config.eos_token_id])}
+        self.eos_ids = {i for i in eos if i is not None}
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._active: list[Sequence] = []
+        self._cache = None  # the batched recurrent state of self._active, row i = self._active[i]
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._thread = None
+        # figures for /metrics
+        self.steps = 0
+        self.last_batch_size = 0
+        self.cancelled_total = 0
+
+    # ---------------------------------------------------------------- any thread
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name="spikelm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout=10.0):
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def submit(self, prompt_ids, params: SamplingParams, on_event) -> Sequence:
+        """Queue a request; raises EngineBusy when every slot and the queue are taken."""
+        sequence = Sequence(prompt_ids, params, on_event, TextStream(self.tokenizer, params.stop))
+        with self._wakeup:
+            if self._stopping:
+                raise EngineStopped("the server is shutting down")
+            if len(self._active) + len(self._waiting) >= self.max_batch + self.max_queue:
+                raise EngineBusy(f"all {self.max_batch} slots and {self.max_queue} queue places are taken")
+            self._waiting.append(sequence)
+            self._wakeup.notify_all()
+        return sequence
+
+    def cancel(self, sequence: Sequence):
+        sequence.cancel()
+        with self._wakeup:
+            if sequence in self._waiting:  # never started: leave the queue now
+                self._waiting.remove(sequence)
+                self.cancelled_total += 1
+            self._wakeup.notify_all()
+
+    @property
+    def active_count(self) -> int:
+        return len(self._active)
+
+    @property
+    def waiting_count(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---------------------------------------------------------------- the engine thread
+    def _run(self):
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        with torch.inference_mode():
+            while True:
+                with self._wakeup:
+                    while not self._stopping and not self._waiting and not self._active:
+                        self._wakeup.wait()
+                    if self._stopping:
+                        break
+                try:
+                    self._drop_cancelled()
+                    self._admit()
+                    if self._active:
+                        self._decode_step()
+                except Exception as error:  # never let one bad step stop the engine: fail its sequences
+                    logger.exception("engine step failed")
+                    for sequence in self._active:
+                        self._emit(sequence, SequenceEvent(error=f"generation failed: {error}",
+                                                           finish_reason="error"))
+                    self._active, self._cache = [], None
+        for sequence in list(self._active) + list(self._waiting):
+            self._emit(sequence, SequenceEvent(error="the server is shutting down", finish_reason="error"))
+
+    def _admit(self):
+        """Move waiting sequences into free slots: prefill each alone, sample its first token."""
+        while len(self._active) < self.max_batch:
+            with self._wakeup:
+                if not self._waiting:
+                    return
+                sequence = self._waiting.popleft()
+            if sequence.cancelled:
+                self.cancelled_total += 1
+                continue
+            try:
+                cache = self._prefill(sequence)
+            except Exception as error:  # a bad request must not take the engine down
+                logger.exception("prefill failed")
+                self._emit(sequence, SequenceEvent(error=f"generation failed: {error}", finish_reason="error"))
+                continue
+            if cache is not None:
+                self._cache = _concat_caches(self._cache, cache)
+                self._active.append(sequence)
+
+    def _prefill(self, sequence):
+        ids = torch.tensor([sequence.prompt_ids], dtype=torch.long)
+        counter = RowEnergyCounter().start(1)
+        with count_energy(self.model, counter):
+            output = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        sequence.tokens_processed += ids.shape[1]
+        finished = self._accept(sequence, output.logits[0, -1], counter.row(0))
+        return None if finished else output.cache
+
+    def _decode_step(self):
+        batch = self._active
+        ids = torch.tensor([[s.generated[-1]] for s in batch], dtype=torch.long)
+        counter = RowEnergyCounter().start(len(batch))
+        with count_energy(self.model, counter):
+            output = self.model(input_ids=ids, cache=self._cache, use_cache=True)
+        self._cache = output.cache
+        self.steps += 1
+        self.last_batch_size = len(batch)
+        keep = []
+        for row, sequence in enumerate(batch):
+            sequence.tokens_processed += 1
+            if not self._accept(sequence, output.logits[row, -1], counter.row(row)):
+                keep.append(row)
+        self._keep_rows(keep)
+
+    def _drop_cancelled(self):
+        keep = [row for row, s in enumerate(self._active) if not s.cancelled]
+        self.cancelled_total += len(self._active) - len(keep)
+        self._keep_rows(keep)
+
+    def _keep_rows(self, keep):
+        if len(keep) == len(self._active):
+            return
+        self._active = [self._active[row] for row in keep]
+        if not keep:
+            self._cache = None
+            return
+        index = torch.tensor(keep, dtype=torch.long)
+        for layer in self._cache.layers:
+            layer.batch_select_indices(index)
+
+    def _accept(self, sequence, logits, energy: StepEnergy) -> bool:
+        """Sample the next token from logits [V], tell the request; returns True when the sequence is done."""
+        token = sample_next(logits, sequence.params, sequence.generator)
+        sequence.generated.append(token)
+        sequence.energy += energy
+        delta, hit_stop = ("", False) if token in self.eos_ids else sequence.text.push(token)
+        finish = None
+        if token in self.eos_ids or hit_stop:
+            finish = "stop"
+        elif len(sequence.generated) >= sequence.params.max_tokens:
+            finish = "length"
+        if finish == "length" or token in self.eos_ids:
+            delta += sequence.text.flush()  # nothing more is coming: send what was held back
+        event = SequenceEvent(text=delta, token_id=token, energy=energy,
+                              pj=energy.picojoules(self.e_ac_pj, self.e_mac_pj), finish_reason=finish)
+        if finish is not None:
+            sequence.finished = True
+            event.usage = self._usage(sequence)
+        self._emit(sequence, event)
+        return sequence.finished
+
+    def _usage(self, sequence) -> RequestUsage:
+        config = self.config
+        reference = gpt2_reference_counts(config.hidden_size, config.num_hidden_layers, config.vocab_size,
+                                          sequence.tokens_processed, config.intermediate_size)
+        return RequestUsage(prompt_tokens=len(sequence.prompt_ids), completion_tokens=len(sequence.generated),
+                            energy=sequence.energy, tokens_processed=sequence.tokens_processed,
+                            pj=sequence.energy.picojoules(self.e_ac_pj, self.e_mac_pj),
+                            gpt2_pj=self.e_mac_pj * reference["total"])
+
+    def _emit(self, sequence, event):
+        try:
+            sequence.on_event(event)
+        except Exception:  # the listener's problem (e.g. its event loop closed): drop the sequence
+            logger.exception("event delivery failed")
+            sequence.cancel()

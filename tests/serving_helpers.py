@@ -1,0 +1,86 @@
+"""Helpers for the serving tests: a tiny saved model and a real uvicorn server on a loopback port."""
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import torch
+import uvicorn
+
+from conftest import make_char_tokenizer, shakespeare_text, tiny_config
+from spikelm import SpikeLMForCausalLM
+from spikelm.serving.app import create_app
+from spikelm.serving.settings import ServeSettings
+
+
+def save_tiny_model(directory, seed=0, **overrides):
+    """A random tiny spikelm and a character tokenizer saved side by side, as the quickstart does."""
+    torch.manual_seed(seed)
+    tokenizer = make_char_tokenizer(shakespeare_text() + "é€😀")  # multi-byte characters too
+    settings = dict(vocab_size=len(tokenizer), hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
+                    eos_token_id=tokenizer.eos_token_id)
+    settings.update(overrides)
+    model = SpikeLMForCausalLM(tiny_config(**settings))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@contextmanager
+def running_server(model_dir, **settings):
+    """Start the real app under uvicorn in a thread, on a port the OS picked; yields its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    settings.setdefault("api_key", None)
+    settings.setdefault("threads", 1)  # the test process shares two cores
+    app = create_app(ServeSettings(model=str(model_dir), port=port, **settings))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the server did not start")
+        time.sleep(0.1)
+    try:
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+def metric(base, name) -> float:
+    """One unlabelled sample from /metrics."""
+    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+def stream_completion(base, body, headers=None, timeout=120):
+    """POST a streaming request; returns (the events' JSON objects, whether [DONE] came)."""
+    import json
+
+    events, done = [], False
+    with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}, headers=headers,
+                      timeout=timeout) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                break
+            events.append(json.loads(line[len("data: "):]))
+    return events, done
