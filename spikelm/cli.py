@@ -17,6 +17,10 @@ COMMANDS = {
     "train": ("spikelm.training", "train a spikelm model (or fine-tune a saved one) on a corpus"),
     "generate": ("spikelm.generation", "generate text from a saved model and print energy per token"),
     "serve": ("spikelm.serving.cli", "serve a saved model over HTTP (OpenAI-compatible)"),
+    "distill": ("spikelm.distillation", "train a spikelm student from an ANN teacher (CE + KL)"),
+    "convert": ("spikelm.conversion", "train an ANN twin with QCFS activations and convert it to spikes"),
+    "eval": ("spikelm.evaluation", "perplexity, bits per byte and the energy report of a saved model"),
+    "bench": ("spikelm.benchmark", "spikelm against a same-shape GPT-2: training, prefill, decode, memory"),
 }
 
 
