@@ -8,7 +8,7 @@ are strict dataclasses, validated by `validate_*` methods.
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-NEURON_TYPES = ("lif", "if")
+NEURON_TYPES = ("lif", "if", "qcfs")
 RESET_TYPES = ("soft", "hard")
 SURROGATES = ("arctan", "sigmoid", "triangle")
 ATTENTION_TYPES = ("ssa", "sdsa")
@@ -41,10 +41,14 @@ class SpikeLMConfig(PreTrainedConfig):
 
     # --- spiking neurons ---
     time_steps: int = 4  # T: spiking steps per token
-    neuron_type: str = "lif"  # "lif" (leaky) or "if" (integrate-and-fire: leak 1)
+    # "lif" (leaky), "if" (integrate-and-fire: leak 1), or "qcfs": the ANN twin used for conversion, where each
+    # neuron is a clip-floor-shift activation with `quantization_levels` levels (use it with time_steps=1)
+    neuron_type: str = "lif"
+    quantization_levels: int = 4  # qcfs only: the T of the spiking model it converts to
     leak: float = 0.5  # beta in v[t] = beta * v[t-1] + x[t]; ignored for "if"
     learn_leak: bool = False  # learn one leak per neuron population (kept in (0, 1))
     threshold: float = 1.0  # theta: a neuron spikes when its membrane reaches it
+    initial_membrane: float = 0.0  # membrane at the start of every token (converted models start at theta / 2)
     reset: str = "soft"  # "soft": v -= theta * s (reset by subtraction); "hard": v = 0
     detach_reset: bool = False  # drop the reset from the backward pass
     surrogate: str = "arctan"  # smooth primitive whose derivative stands in for Heaviside's
@@ -56,9 +60,9 @@ class SpikeLMConfig(PreTrainedConfig):
     attention_decay: list[float] | None = None
     learn_decay: bool = False  # learn the decays (kept in (0, 1))
     token_shift: bool = True  # K and V also see the previous token's spikes
-    # Read-out scale; None means 64 / d for "ssa" (so that spikes firing at ~1/4 reach the threshold).
-    # "sdsa" divides by the decay sum only.
-    attention_scale: float | None = None
+    # Read-out scale; None means 64 / d for "ssa" (so that spikes firing at ~1/4 reach the threshold) and 1 for
+    # "sdsa" (whose read-out is a mean). A list gives one per layer (conversion folds thresholds into it).
+    attention_scale: float | list[float] | None = None
 
     # --- the rest ---
     norm_type: str = "layernorm"
@@ -106,7 +110,13 @@ class SpikeLMConfig(PreTrainedConfig):
         need(len(self.attention_decay) == self.num_attention_heads, "attention_decay",
              f"needs one decay per head ({self.num_attention_heads})")
         need(all(0.0 < g <= 1.0 for g in self.attention_decay), "attention_decay", "every decay must be in (0, 1]")
-        need(self.attention_scale is None or self.attention_scale > 0.0, "attention_scale", "must be positive")
+        scales = self.attention_scale if isinstance(self.attention_scale, list) else [self.attention_scale]
+        need(all(scale is None or scale > 0.0 for scale in scales), "attention_scale", "must be positive")
+        need(not isinstance(self.attention_scale, list) or len(scales) == self.num_hidden_layers,
+             "attention_scale", f"a list needs one scale per layer ({self.num_hidden_layers})")
+        need(self.quantization_levels >= 1, "quantization_levels", "must be a positive integer")
+        need(self.neuron_type != "qcfs" or self.time_steps == 1, "time_steps",
+             "must be 1 for the qcfs ANN twin (its levels are quantization_levels)")
         need(self.norm_type in NORM_TYPES, "norm_type", f"must be one of {NORM_TYPES}")
         need(self.norm_eps > 0.0, "norm_eps", "must be positive")
         need(self.initializer_range > 0.0, "initializer_range", "must be positive")

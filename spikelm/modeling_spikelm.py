@@ -31,7 +31,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import PreTrainedModel
 
 from .configuration_spikelm import SpikeLMConfig
-from .neurons import SpikingNeuron
+from .neurons import QCFSActivation, SpikingNeuron
 
 # The parallel form runs over chunks of this many tokens, carrying the recurrent
 # state between them: memory stays O(chunk^2) however long the prompt.
@@ -204,6 +204,11 @@ class SpikeLMCache(Cache):
 # ================================================================ layers
 
 
+def make_neuron(config):
+    """A spiking neuron population, or in the ANN twin (neuron_type "qcfs") its quantised stand-in."""
+    return QCFSActivation(config) if config.neuron_type == "qcfs" else SpikingNeuron(config)
+
+
 class SpikeLMRMSNorm(nn.Module):
     def __init__(self, hidden_size, eps=1e-5):
         super().__init__()
@@ -234,15 +239,18 @@ class SpikeLMAttention(nn.Module):
         # The read-out is a decayed mean of (q . k) v: about d r^3 for spikes firing at rate r. 64 / d brings
         # rates near 1/4 to the threshold; 1 / sqrt(d) left the read-out neurons silent and the copy task
         # unlearnt (see tests/test_copy_task.py). "sdsa" reads out a mean in [0, 1] and needs no scale.
-        self.scale = config.attention_scale or (64.0 / self.head_dim if self.kind == "ssa" else 1.0)
+        scale = config.attention_scale
+        if isinstance(scale, list):
+            scale = scale[layer_idx]
+        self.scale = scale or (64.0 / self.head_dim if self.kind == "ssa" else 1.0)
         self.q_proj = nn.Linear(D, D, bias=False)
         # K and V read the current token's spikes and, with token shift, the previous token's (a width-2 causal
         # convolution on spikes): [s_i ; s_{i-1}] -> [k ; v]
         self.kv_proj = nn.Linear(2 * D if self.token_shift else D, 2 * D, bias=False)
-        self.q_neuron = SpikingNeuron(config)
-        self.k_neuron = SpikingNeuron(config)
-        self.v_neuron = SpikingNeuron(config)
-        self.readout_neuron = SpikingNeuron(config)  # ssa: spikes from a; sdsa: thresholds the running mean
+        self.q_neuron = make_neuron(config)
+        self.k_neuron = make_neuron(config)
+        self.v_neuron = make_neuron(config)
+        self.readout_neuron = make_neuron(config)  # ssa: spikes from a; sdsa: thresholds the running mean
         self.o_proj = nn.Linear(D, D, bias=False)
         self.fixed_decay = [float(g) for g in config.attention_decay]  # plain numbers unless learned
         if config.learn_decay:
@@ -317,7 +325,7 @@ class SpikeLMAttention(nn.Module):
                     outs.append(out)
                 out = torch.cat(outs, dim=-2)
             out = out.transpose(2, 3).reshape(T, B, n, D)
-            attended = q * self.readout_neuron(out)  # q masks the channels that fired
+            attended = q * self.readout_neuron(self.scale * out if self.scale != 1.0 else out)  # q masks
         if self.counter is not None:
             self.counter.attention(self, q, k, v, mask, attended)
         if state is not None:
@@ -332,7 +340,7 @@ class SpikeLMMLP(nn.Module):
     def __init__(self, config: SpikeLMConfig):
         super().__init__()
         self.fc_in = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.hidden_neuron = SpikingNeuron(config)
+        self.hidden_neuron = make_neuron(config)
         self.fc_out = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, spikes):
@@ -345,10 +353,10 @@ class SpikeLMBlock(nn.Module):
     def __init__(self, config: SpikeLMConfig, layer_idx: int):
         super().__init__()
         self.attention_norm = make_norm(config)
-        self.attention_neuron = SpikingNeuron(config)
+        self.attention_neuron = make_neuron(config)
         self.attention = SpikeLMAttention(config, layer_idx)
         self.mlp_norm = make_norm(config)
-        self.mlp_neuron = SpikingNeuron(config)
+        self.mlp_neuron = make_neuron(config)
         self.mlp = SpikeLMMLP(config)
 
     def forward(self, membrane, mask, state=None, recurrent=False):
@@ -400,6 +408,8 @@ class SpikeLMPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, QCFSActivation):
+            init.constant_(module.clip, config.threshold)
         elif isinstance(module, SpikingNeuron) and module.leak_logit is not None:
             leak = config.leak_value
             init.constant_(module.leak_logit, math.log(leak / (1 - leak)) if leak < 1 else 8.0)
@@ -415,7 +425,7 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(SpikeLMBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = make_norm(config)
-        self.output_neuron = SpikingNeuron(config)
+        self.output_neuron = make_neuron(config)
         for layer in self.layers:
             layer.attention.o_proj._writes_residual = True
             layer.mlp.fc_out._writes_residual = True

@@ -183,7 +183,7 @@ class SpikingNeuron(nn.Module):
         self.surrogate = config.surrogate
         self.alpha = float(config.surrogate_alpha)
         self.detach_reset = config.detach_reset
-        self.initial_membrane = 0.0
+        self.initial_membrane = float(config.initial_membrane)
         leak = config.leak_value
         if config.learn_leak and config.neuron_type == "lif":
             # leak = sigmoid(w) keeps it in (0, 1)
@@ -209,3 +209,42 @@ class SpikingNeuron(nn.Module):
 
     def extra_repr(self):
         return f"T={self.time_steps}, threshold={self.threshold}, reset={self.reset}, surrogate={self.surrogate}"
+
+
+# ---------------------------------------------------------------- the ANN twin's activation
+
+
+def floor_straight_through(x):
+    """floor in the forward pass, identity in the backward pass (a straight-through estimator)."""
+    return x + (torch.floor(x) - x).detach()
+
+
+def qcfs(x, clip, levels: int):
+    """Clip-floor-shift quantised activation with `levels` levels (Bu et al., ICLR 2022):
+        h(x) = clip / L * clamp(floor(x * L / clip + 1/2), 0, L)
+    For a constant input, it is what an IF neuron with threshold `clip`, soft reset and membrane starting at
+    clip / 2 emits over L steps (spike count * clip / L), which makes the conversion to spikes exact layer by
+    layer for constant inputs. Gradients reach x (inside the clip) and the learnable clip."""
+    steps = torch.clamp(floor_straight_through(x * levels / clip + 0.5), 0, levels)
+    return steps * clip / levels
+
+
+class QCFSActivation(nn.Module):
+    """The ANN twin's stand-in for a spiking neuron population: a QCFS activation with a learnable clip (which
+    becomes the threshold on conversion). Input and output are [1, ...] (the twin runs with time_steps=1)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.levels = int(config.quantization_levels)
+        self.clip = nn.Parameter(torch.tensor(float(config.threshold)))
+
+    @property
+    def threshold(self):
+        """The clip in use (kept positive): on conversion, the IF neuron's threshold."""
+        return self.clip.abs().clamp(min=1e-3)
+
+    def forward(self, x):
+        return qcfs(x, self.threshold, self.levels)
+
+    def extra_repr(self):
+        return f"levels={self.levels}"

@@ -1,0 +1,113 @@
+"""ANN-to-SNN conversion: train an ANN twin with QCFS activations, then put IF neurons in their place.
+
+The twin is a spikelm model whose every spiking neuron is a clip-floor-shift activation with L levels
+(`neuron_type="qcfs"`, `time_steps=1`): it trains at ANN cost. Converting it gives a spikelm model with
+T = L integrate-and-fire neurons, soft reset, membrane starting at half the threshold (Bu et al., ICLR 2022:
+for constant inputs an IF neuron then emits exactly what QCFS computes).
+
+Each learned clip (lambda) becomes a threshold. Rather than give every population its own threshold, the
+conversion folds the clips into the weights, so that all neurons keep threshold 1:
+- what feeds a neuron is divided by its lambda (norm gain and bias, the rows of a weight matrix, the attention
+  read-out's scale), since an IF neuron with threshold lambda fed x fires like one with threshold 1 fed x/lambda;
+- what reads a neuron's spikes is multiplied by its lambda (the columns of the next weight matrix, the
+  attention scale for q, k and v), since the twin passed on lambda * (spike count) / L.
+What does not carry over exactly (the conversion gap): inputs that change over the T steps, and the
+attention products of spikes, whose mean over steps is not the product of the means. Distillation closes it.
+"""
+
+import copy
+
+import torch
+from torch import nn
+
+from .configuration_spikelm import SpikeLMConfig
+from .errors import SpikeLMError
+from .modeling_spikelm import SpikeLMForCausalLM
+
+
+def ann_twin_config(config: SpikeLMConfig, levels: int | None = None) -> SpikeLMConfig:
+    """The ANN twin of a spiking config: same shape, QCFS activations with `levels` (default: its T) levels."""
+    settings = config.to_dict()
+    levels = levels or config.time_steps
+    for key in ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path"):
+        settings.pop(key, None)
+    settings.update(neuron_type="qcfs", quantization_levels=levels, time_steps=1, threshold=1.0,
+                    initial_membrane=0.0, learn_leak=False)
+    return SpikeLMConfig(**settings)
+
+
+def _scale_norm(norm, factor):
+    with torch.no_grad():
+        norm.weight.mul_(factor)
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.mul_(factor)
+
+
+@torch.no_grad()
+def convert_to_snn(twin: SpikeLMForCausalLM) -> SpikeLMForCausalLM:
+    """An IF spiking model (T = the twin's levels, soft reset, membrane starting at threshold / 2) with the
+    twin's clips folded into its weights. The twin is left unchanged."""
+    config = twin.config
+    if config.neuron_type != "qcfs":
+        raise SpikeLMError("convert needs an ANN twin (neuron_type 'qcfs'): train one with `spikelm convert`")
+    layers = twin.model.layers
+    base_scales = [layer.attention.scale for layer in layers]
+    settings = config.to_dict()
+    for key in ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path"):
+        settings.pop(key, None)
+    settings.update(neuron_type="if", time_steps=config.quantization_levels, threshold=1.0, initial_membrane=0.5,
+                    reset="soft", learn_leak=False)
+
+    # attention scales absorb the clips of q, k, v (readers) and of the read-out neuron (fed)
+    scales = []
+    for layer, scale in zip(layers, base_scales):
+        attention = layer.attention
+        lam = {name: float(getattr(attention, name).threshold) for name in
+               ("q_neuron", "k_neuron", "v_neuron", "readout_neuron")}
+        if attention.kind == "ssa":
+            scales.append(scale * lam["q_neuron"] * lam["k_neuron"] * lam["v_neuron"] / lam["readout_neuron"])
+        else:  # the running mean of k*v feeds the read-out neuron; q only masks
+            scales.append(scale * lam["k_neuron"] * lam["v_neuron"] / lam["readout_neuron"])
+    settings["attention_scale"] = scales
+    snn = SpikeLMForCausalLM(SpikeLMConfig(**settings))
+    state = {k: v for k, v in copy.deepcopy(twin.state_dict()).items() if not k.endswith(".clip")}
+    snn.load_state_dict(state, strict=True)
+
+    for twin_layer, layer in zip(layers, snn.model.layers):
+        a = float(twin_layer.attention_neuron.threshold)
+        att = twin_layer.attention
+        q, k, v = (float(getattr(att, n).threshold) for n in ("q_neuron", "k_neuron", "v_neuron"))
+        r = float(att.readout_neuron.threshold)
+        m = float(twin_layer.mlp_neuron.threshold)
+        h = float(twin_layer.mlp.hidden_neuron.threshold)
+        D = config.hidden_size
+        _scale_norm(layer.attention_norm, 1 / a)
+        layer.attention.q_proj.weight.mul_(a / q)
+        layer.attention.kv_proj.weight[:D].mul_(a / k)
+        layer.attention.kv_proj.weight[D:].mul_(a / v)
+        # o_proj reads the read-out spikes (ssa) or q masked by them (sdsa)
+        layer.attention.o_proj.weight.mul_(r if att.kind == "ssa" else q * r)
+        _scale_norm(layer.mlp_norm, 1 / m)
+        layer.mlp.fc_in.weight.mul_(m / h)
+        layer.mlp.fc_out.weight.mul_(h)
+    out = float(twin.model.output_neuron.threshold)
+    _scale_norm(snn.model.norm, 1 / out)
+    snn.lm_head.weight.mul_(out)
+    return snn.to(next(twin.parameters()).dtype).train(twin.training)
+
+
+def is_spike_driven(model, input_ids) -> bool:
+    """True when every weight matrix receives only 0s and 1s on this input."""
+    binary = []
+
+    def check(module, inputs, output):
+        binary.append(bool(((inputs[0] == 0) | (inputs[0] == 1)).all()))
+
+    handles = [m.register_forward_hook(check) for m in model.modules() if isinstance(m, nn.Linear)]
+    try:
+        with torch.no_grad():
+            model(input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return all(binary)
