@@ -73,3 +73,24 @@ def test_neuron_module_learns_its_leak_and_checks_shape():
     assert neuron.leak_logit.grad is not None and neuron.leak_logit.grad.abs() > 0
     with pytest.raises(ValueError, match=r"\[T=4, \.\.\.\]"):
         neuron(torch.randn(3, 2, 8))
+
+
+def test_compiled_kernels_equal_the_eager_path():
+    from spikelm import neurons
+
+    current = torch.randn(4, 3, 257) * 1.5
+    grad = torch.randn_like(current)
+    results = []
+    for compiled in (False, True):
+        neurons.enable_compiled_kernels(compiled)
+        try:
+            for reset in ("soft", "hard"):
+                x = current.clone().requires_grad_(True)
+                spikes = lif_multistep(x, 0.6, 1.0, reset, "arctan", 2.0)
+                (spikes * grad).sum().backward()
+                results.append((spikes, x.grad))
+        finally:
+            neurons.enable_compiled_kernels(False)
+    for (s1, g1), (s2, g2) in zip(results[:2], results[2:]):
+        assert torch.equal(s1, s2)
+        assert torch.allclose(g1, g2, atol=1e-5)
