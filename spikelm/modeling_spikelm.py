@@ -495,6 +495,8 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, cache=None, labels=None, use_cache=None,
                 inputs_embeds=None, logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
+        if labels is not None and use_cache is None:
+            use_cache = False  # scoring (training, evaluation) needs no recurrent state
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, cache=cache, use_cache=use_cache,
                              inputs_embeds=inputs_embeds)
         spikes = outputs.spikes

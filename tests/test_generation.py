@@ -1,0 +1,46 @@
+"""`spikelm generate`: text and energy per token from a model that `spikelm train` saved."""
+
+import json
+import re
+
+import pytest
+from conftest import shakespeare_text
+from test_training import TINY, spikelm
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    corpus = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    corpus.write_text(shakespeare_text(20_000), encoding="utf-8")
+    output = tmp_path_factory.mktemp("model")
+    run = spikelm("train", "--corpus", corpus, "--output", output, "--max-steps", 30, *TINY)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return output
+
+
+def test_generate_prints_text_and_energy_per_token(model_dir):
+    run = spikelm("generate", "--model", model_dir, "--prompt", "ROMEO:", "--max-new-tokens", 20)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.startswith("ROMEO:")
+    energy = re.search(r"energy: (\d+) pJ/token \((\d+) ACs \+ (\d+) MACs per token, firing rate ([\d.]+)\); "
+                       r"same-shape GPT-2: (\d+) pJ/token", run.stdout)
+    assert energy, run.stdout
+    pj, ac, mac, rate, gpt2 = (float(x) for x in energy.groups())
+    assert pj == pytest.approx(0.9 * ac + 4.6 * mac, rel=0.01) and pj > 0 and 0 < rate < 1 and gpt2 > 0
+
+
+def test_generate_json_counts_every_token(model_dir):
+    run = spikelm("generate", "--model", model_dir, "--prompt", "KING:", "--max-new-tokens", 12, "--greedy",
+                  "--json")
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout)
+    assert result["text"].startswith("KING:")
+    # the prompt's tokens, then every generated token but the last is fed back: prompt + 11 tokens
+    assert result["energy"]["tokens"] >= 12
+    assert result["energy"]["pj_per_token"] > 0
+
+
+def test_generate_without_a_model_is_one_line(tmp_path):
+    run = spikelm("generate", "--model", tmp_path / "nothing", "--prompt", "hi")
+    assert run.returncode == 2
+    assert run.stderr.strip().count("\n") == 0 and "no saved model in" in run.stderr
