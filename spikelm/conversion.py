@@ -111,3 +111,57 @@ def is_spike_driven(model, input_ids) -> bool:
         for handle in handles:
             handle.remove()
     return all(binary)
+
+
+# ================================================================ the `spikelm convert` command
+
+TWIN_DIR = "ann-twin"
+
+
+def add_arguments(parser):
+    from .training import add_arguments as add_training_arguments
+
+    add_training_arguments(parser)
+    parser.add_argument("--levels", type=int, default=None,
+                        help="QCFS levels = the converted model's time steps (default: the preset's T)")
+
+
+def run(args) -> int:
+    import json
+    from pathlib import Path
+
+    from .training import SpikeLMTrainer, _build_model, train
+
+    if args.model:
+        raise SpikeLMError("convert trains its own ANN twin from a preset; to fine-tune a converted model, use "
+                           "`spikelm distill --model CONVERTED --teacher CONVERTED/ann-twin`")
+    if args.arch != "spikelm":
+        raise SpikeLMError("convert makes a spikelm model: drop --arch")
+    output = Path(args.output)
+    args.output = str(output / TWIN_DIR)  # the twin trains like any model, in a folder of its own
+
+    def build_twin(args, settings, tokenizer):
+        spiking = _build_model(args, dict(settings), tokenizer)  # the spiking model the twin stands in for
+        return SpikeLMForCausalLM(ann_twin_config(spiking.config, args.levels))
+
+    trainer = train(args, build_model=build_twin)
+    twin_metrics = trainer.evaluate()
+    snn = convert_to_snn(trainer.model)
+    converted = SpikeLMTrainer(model=snn, args=trainer.args, eval_dataset=trainer.blocks.held_out,
+                               processing_class=trainer.processing_class,
+                               held_out_tokens=trainer.blocks.held_out_tokens,
+                               held_out_bytes=trainer.blocks.held_out_bytes)
+    snn_metrics = converted.evaluate()
+    if trainer.is_world_process_zero():
+        snn.save_pretrained(output)
+        trainer.processing_class.save_pretrained(output)
+        report = {"twin_bits_per_byte": twin_metrics["eval_bits_per_byte"],
+                  "converted_bits_per_byte": snn_metrics["eval_bits_per_byte"],
+                  "gap_bits_per_byte": snn_metrics["eval_bits_per_byte"] - twin_metrics["eval_bits_per_byte"],
+                  "time_steps": snn.config.time_steps, "twin": str(output / TWIN_DIR)}
+        (output / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"ANN twin: {report['twin_bits_per_byte']:.3f} bits per byte; converted to T={snn.config.time_steps} "
+              f"IF neurons: {report['converted_bits_per_byte']:.3f} (gap {report['gap_bits_per_byte']:+.3f}); "
+              f"saved to {output}. Close the gap with: spikelm distill --model {output} "
+              f"--teacher {output / TWIN_DIR} --output ...")
+    return 0

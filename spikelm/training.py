@@ -131,6 +131,18 @@ def _resolve_tokenizer(args, corpus, output: Path, vocab_size: int):
     return tokenizer
 
 
+def gpt2_config(settings: dict, tokenizer, block_size: int):
+    """A GPT-2 of the same width, depth, heads, MLP and vocabulary as a spikelm preset. No dropout: the
+    spiking model has none, and the comparison is at an equal, short training budget."""
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=len(tokenizer), n_embd=settings["hidden_size"], n_layer=settings["num_hidden_layers"],
+                      n_head=settings["num_attention_heads"], n_inner=settings.get("intermediate_size"),
+                      n_positions=max(1024, block_size), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+
+
 def _build_model(args, settings: dict, tokenizer):
     if args.model:  # fine-tuning: the saved weights, config and all
         if not Path(args.model, "config.json").exists():
@@ -142,6 +154,10 @@ def _build_model(args, settings: dict, tokenizer):
                                f"{model.config.vocab_size}: fine-tune with the model's own tokenizer")
         return model
     settings.pop("vocab_size")  # the tokenizer decides
+    if getattr(args, "arch", "spikelm") == "gpt2":
+        from transformers import GPT2LMHeadModel
+
+        return GPT2LMHeadModel(gpt2_config(settings, tokenizer, args.block_size))
     for field in ("attention_type", "time_steps"):
         if getattr(args, field) is not None:
             settings[field] = getattr(args, field)
@@ -208,7 +224,12 @@ def add_arguments(parser):
                        help="tokenizer directory (default: the model's, the output dir's, or a new one)")
     model.add_argument("--vocab-size", type=int, default=None, help="size of a newly trained tokenizer "
                                                                     "(default: the preset's)")
+    model.add_argument("--arch", choices=("spikelm", "gpt2"), default="spikelm",
+                       help="gpt2: a Hugging Face GPT2LMHeadModel of the preset's width, depth and heads, trained "
+                            "by the same pipeline (the ANN reference and default distillation teacher)")
     model.add_argument("--attention-type", choices=("ssa", "sdsa"), default=None)
+    model.add_argument("--compile-neurons", action="store_true",
+                       help="fuse the neuron loops with torch.compile (faster steps after a one-off compilation)")
     model.add_argument("--time-steps", type=int, default=None)
 
     optim = parser.add_argument_group("optimisation")
@@ -233,6 +254,15 @@ def add_arguments(parser):
 
 def run(args, callbacks=()) -> int:
     """Train; `callbacks`: extra TrainerCallbacks (from Python)."""
+    train(args, callbacks)
+    return 0
+
+
+def train(args, callbacks=(), build_model=None, trainer_class=None, trainer_kwargs=None):
+    """The `spikelm train` pipeline; returns the Trainer after training and the final evaluation.
+
+    build_model(args, settings, tokenizer) replaces the default model (the ANN twin of `spikelm convert`);
+    trainer_class / trainer_kwargs replace SpikeLMTrainer (distillation)."""
     if args.model and args.preset:
         raise SpikeLMError("--preset and --model exclude each other: --model fine-tunes a saved model, whose size "
                            "is fixed")
@@ -249,12 +279,19 @@ def run(args, callbacks=()) -> int:
         with training_args.main_process_first(desc="tokenising"):  # rank 0 fills the datasets cache
             blocks = prepare_blocks(corpus, tokenizer, args.block_size, args.max_eval_blocks)
     set_seed(args.seed)  # the same initial weights in every run and on every rank
-    model = _build_model(args, settings, tokenizer)
+    if getattr(args, "compile_neurons", False):
+        from .neurons import enable_compiled_kernels
 
-    trainer = SpikeLMTrainer(model=model, args=training_args, train_dataset=blocks.train,
-                             eval_dataset=blocks.held_out, processing_class=tokenizer, callbacks=list(callbacks),
-                             held_out_tokens=blocks.held_out_tokens, held_out_bytes=blocks.held_out_bytes)
-    trainer.add_callback(EnergyCallback(trainer, blocks.held_out[0]["input_ids"]))
+        enable_compiled_kernels()
+    model = (build_model or _build_model)(args, settings, tokenizer)
+
+    trainer = (trainer_class or SpikeLMTrainer)(
+        model=model, args=training_args, train_dataset=blocks.train, eval_dataset=blocks.held_out,
+        processing_class=tokenizer, callbacks=list(callbacks), held_out_tokens=blocks.held_out_tokens,
+        held_out_bytes=blocks.held_out_bytes, **(trainer_kwargs or {}))
+    if model.config.model_type == "spikelm" and model.config.neuron_type != "qcfs":
+        trainer.add_callback(EnergyCallback(trainer, blocks.held_out[0]["input_ids"]))
+    trainer.blocks = blocks  # for callers that evaluate more models on the same held-out blocks
 
     checkpoint = get_last_checkpoint(args.output) if args.resume and output.is_dir() else None
     if args.resume and checkpoint is None and trainer.is_world_process_zero():
@@ -270,8 +307,9 @@ def run(args, callbacks=()) -> int:
                    "start_eval_bits_per_byte": first["eval_bits_per_byte"], "global_step": trainer.state.global_step,
                    "world_size": training_args.world_size, "resumed_from": checkpoint}
         (output / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        energy = (f"; {metrics['eval_pj_per_token']:.0f} pJ/token, firing rate {metrics['eval_firing_rate']:.3f}"
+                  if "eval_pj_per_token" in metrics else "")
         print(f"held-out bits per byte {metrics['eval_bits_per_byte']:.3f} (at the start "
               f"{first['eval_bits_per_byte']:.3f}), perplexity {metrics['eval_perplexity']:.2f}; "
-              f"{tokens_per_second:.0f} training tokens/s; {metrics['eval_pj_per_token']:.0f} pJ/token, firing rate "
-              f"{metrics['eval_firing_rate']:.3f}; saved to {args.output}")
-    return 0
+              f"{tokens_per_second:.0f} training tokens/s{energy}; saved to {args.output}")
+    return trainer

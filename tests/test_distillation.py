@@ -64,3 +64,72 @@ def test_a_few_distillation_steps_lower_the_kl_to_the_teacher():
         loss.backward()
         optimizer.step()
     assert kl() < 0.7 * before
+
+
+# ---------------------------------------------------------------- the commands
+
+
+def _spikelm(*args):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "spikelm.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=REPO)
+
+
+TINY = ["--preset", "tiny", "--block-size", "32", "--batch-size", "8", "--max-eval-blocks", "4",
+        "--eval-steps", "1000", "--save-steps", "1000"]
+
+
+def test_gpt2_teacher_distill_and_convert_commands(tmp_path):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from conftest import shakespeare_text
+    from spikelm.conversion import is_spike_driven
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(shakespeare_text(30_000))
+    teacher = tmp_path / "gpt2"
+    run = _spikelm("train", "--arch", "gpt2", "--corpus", corpus, "--output", teacher, "--max-steps", 8, *TINY)
+    assert run.returncode == 0, run.stderr[-1500:]
+    assert AutoModelForCausalLM.from_pretrained(teacher).config.model_type == "gpt2"
+
+    student = tmp_path / "student"
+    run = _spikelm("distill", "--teacher", teacher, "--corpus", corpus, "--output", student, "--max-steps", 6,
+                   "--grad-accum", 2, "--alpha", 0.7, "--temperature", 2.0, *TINY)
+    assert run.returncode == 0, run.stderr[-1500:]
+    results = json.loads((student / "results.json").read_text())
+    assert results["global_step"] == 6 and results["eval_bits_per_byte"] < results["start_eval_bits_per_byte"]
+    assert AutoModelForCausalLM.from_pretrained(student).config.model_type == "spikelm"
+
+    converted = tmp_path / "converted"
+    run = _spikelm("convert", "--corpus", corpus, "--output", converted, "--max-steps", 8, *TINY)
+    assert run.returncode == 0, run.stderr[-1500:]
+    report = json.loads((converted / "conversion.json").read_text())
+    assert abs(report["gap_bits_per_byte"]) < 1.0 and report["time_steps"] == 2
+    snn = AutoModelForCausalLM.from_pretrained(converted).eval()
+    assert snn.config.neuron_type == "if" and is_spike_driven(snn, torch.randint(0, 100, (1, 16)))
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(tmp_path):
+    from conftest import shakespeare_text
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(shakespeare_text(30_000))
+    teacher = tmp_path / "teacher"
+    run = _spikelm("train", "--arch", "gpt2", "--corpus", corpus, "--output", teacher, "--max-steps", 2,
+                   "--vocab-size", 512, *TINY)
+    assert run.returncode == 0, run.stderr[-1500:]
+    other = tmp_path / "other-tokenizer"
+    assert _spikelm("tokenizer", "--corpus", corpus, "--output", other, "--vocab-size", 400).returncode == 0
+    run = _spikelm("distill", "--teacher", teacher, "--tokenizer", other, "--corpus", corpus,
+                   "--output", tmp_path / "student", "--max-steps", 2, *TINY)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert "vocabulary" in lines[-1] and "Traceback" not in run.stderr
