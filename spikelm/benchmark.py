@@ -1,0 +1,416 @@
+"""`spikelm bench`: spikelm against a same-shape Hugging Face GPT-2, side by side in one run.
+
+    spikelm bench --output runs/bench.json            # D=256, 4 layers, 4 heads, vocab 4096, T=4
+    spikelm bench --quick                             # small shapes, two contexts: under a minute
+
+Same width, depth, heads, MLP width and vocabulary; random weights (the shapes set the cost). Measured:
+- training: tokens/s of forward, backward and an AdamW step on a batch of random tokens;
+- inference at each context (batch 1, greedy): prefill tokens/s, then decode tokens/s and ms per token
+  after the prefill; memory as the state the model carries (GPT-2's keys and values in its DynamicCache,
+  spikelm's SpikeLMCache) and the peak growth of the process's resident memory (see PeakRSS);
+- the neuron: forward+backward of spikelm's `lif_multistep` against SpikingJelly's LIFNode(step_mode='m')
+  (when spikingjelly is installed: `pip install --no-deps spikingjelly loguru`);
+- the energy per token of each spikelm model against GPT-2's (spikelm.energy; random weights).
+Every time is the median of `--repeats` runs after `--warmup` runs. Inference is run before training, so
+that the models are measured with the same initial weights whatever their order.
+"""
+
+import ctypes
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .errors import SpikeLMError
+
+FULL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, vocab_size=4096,
+            time_steps=[4], contexts=[128, 512, 2048, 4096], train_batch=8, train_seq_len=256, decode_tokens=32,
+            repeats=5, warmup=1, neuron_shape=[4, 2048, 1024], energy_context=512)
+QUICK = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, vocab_size=512,
+             time_steps=[4], contexts=[128, 512], train_batch=4, train_seq_len=64, decode_tokens=8, repeats=3,
+             warmup=1, neuron_shape=[4, 512, 1024], energy_context=128)
+
+# glibc mallopt parameters. PeakRSS pins the mmap threshold low; afterwards it sets glibc's own steady state
+# back (the dynamic threshold ends at 32 MiB, with the trim threshold at twice that). Pinning the threshold
+# alone, with the default 128 KiB trim threshold, made a 2-thread GPT-2 forward 20x slower here.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_MEMORY = 64 * 2**10
+MMAP_THRESHOLD_STEADY, TRIM_THRESHOLD_STEADY = 32 * 2**20, 64 * 2**20
+
+
+# ================================================================ measuring
+
+
+def median_time(fn, repeats, warmup):
+    """Median wall time of fn() in seconds, after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+class PeakRSS:
+    """Peak growth of the resident set size during a block, sampled every millisecond by a thread.
+
+    Freed memory that the allocator keeps would hide the growth of a later run, so during the block
+    glibc's mmap threshold is pinned at 64 KiB: every tensor of 64 KiB or more gets its own mapping, which
+    goes back to the system when the tensor is freed. `growth` is None where this cannot be done (no
+    glibc, or no /proc): there the figure would not be reliable.
+    """
+
+    def __init__(self):
+        self.libc = _libc() if sys.platform.startswith("linux") else None
+        self.growth = None
+
+    @staticmethod
+    def rss():
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.libc is None:
+            return self
+        gc.collect()
+        self.libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MEMORY)
+        self.libc.malloc_trim(0)  # return the heap's free tail first, so the baseline is what is in use
+        self.baseline = self.peak = self.rss()
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.libc is None:
+            return
+        self.running = False
+        self.thread.join()
+        self.peak = max(self.peak, self.rss())
+        self.growth = self.peak - self.baseline
+        self.libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_STEADY)
+        self.libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_STEADY)
+
+
+def state_bytes(cache):
+    """Bytes of what a model carries from token to token: SpikeLMCache's fixed state, or a KV cache."""
+    if hasattr(cache, "state_size_bytes"):
+        return cache.state_size_bytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+               if t is not None)
+
+
+# ================================================================ the models
+
+
+def build_models(settings):
+    """-> [(name, model)]: GPT-2 first, then a spikelm model per number of time steps, all the same shape."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from . import SpikeLMConfig, SpikeLMForCausalLM
+
+    s = settings
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(
+        vocab_size=s["vocab_size"], n_embd=s["hidden_size"], n_layer=s["num_hidden_layers"],
+        n_head=s["num_attention_heads"], n_inner=s["intermediate_size"],
+        n_positions=max(s["contexts"]) + s["decode_tokens"] + 1,  # room for the prompt and the decoded tokens
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # spikelm has no dropout: compare like with like
+        bos_token_id=0, eos_token_id=0))
+    models = [("gpt2", gpt2)]
+    for T in s["time_steps"]:
+        config = SpikeLMConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
+                               num_hidden_layers=s["num_hidden_layers"],
+                               num_attention_heads=s["num_attention_heads"],
+                               intermediate_size=s["intermediate_size"], time_steps=T,
+                               attention_type=s["attention_type"])
+        models.append((f"spikelm T={T}", SpikeLMForCausalLM(config)))
+    return models
+
+
+def training_speed(model, settings):
+    import torch
+
+    batch, seq_len = settings["train_batch"], settings["train_seq_len"]
+    ids = torch.randint(settings["vocab_size"], (batch, seq_len))
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = median_time(step, settings["repeats"], settings["warmup"])
+    model.eval()
+    return {"tokens_per_s": batch * seq_len / seconds, "step_s": seconds}
+
+
+def inference_speed(model, context, settings):
+    """Prefill `context` random tokens (median of repeats), then decode greedily `decode_tokens` tokens after
+    one more prefill, each step timed (median)."""
+    import torch
+
+    prompt = torch.randint(settings["vocab_size"], (1, context))
+    with torch.no_grad():
+        prefill_s = median_time(lambda: model(prompt, use_cache=True), settings["repeats"], settings["warmup"])
+        output = model(prompt, use_cache=True)
+        cache = output.cache
+        token = output.logits[:, -1:].argmax(-1)  # [1, 1]
+        steps = []
+        for _ in range(settings["warmup"] + settings["decode_tokens"]):
+            start = time.perf_counter()
+            output = model(token, cache=cache, use_cache=True)
+            token = output.logits[:, -1:].argmax(-1)
+            steps.append(time.perf_counter() - start)
+    decode_s = statistics.median(steps[settings["warmup"]:])
+    return {"context": context, "prefill_tokens_per_s": context / prefill_s, "prefill_s": prefill_s,
+            "decode_tokens_per_s": 1.0 / decode_s, "decode_ms_per_token": 1000.0 * decode_s,
+            "state_bytes": state_bytes(cache)}
+
+
+def memory_growth(model, context, settings):
+    """Peak growth of resident memory over a prefill of `context` tokens and the decode steps after it.
+    Run after every timing: PeakRSS changes the allocator's settings, which would slow the timed code."""
+    import torch
+
+    prompt = torch.randint(settings["vocab_size"], (1, context))
+    with torch.no_grad(), PeakRSS() as memory:
+        output = model(prompt, use_cache=True)
+        for _ in range(settings["decode_tokens"]):
+            output = model(output.logits[:, -1:].argmax(-1), cache=output.cache, use_cache=True)
+        del output
+    return memory.growth
+
+
+def neuron_speed(settings):
+    """Forward+backward of a multi-step LIF over a [T, N, D] float32 tensor: ours, SpikingJelly's, and one
+    ReLU pass as a yardstick. Both neurons: leak 1/2 (SpikingJelly's tau=2), threshold 1, soft reset,
+    arctan surrogate."""
+    import torch
+
+    from .neurons import lif_multistep
+
+    current = torch.randn(*settings["neuron_shape"]).requires_grad_()
+    grad = torch.randn(*settings["neuron_shape"])
+
+    def timed(neuron):
+        def fwd_bwd():
+            current.grad = None
+            neuron(current).backward(grad)
+
+        return median_time(fwd_bwd, settings["repeats"], settings["warmup"])
+
+    result = {"shape": settings["neuron_shape"], "spikelm_s": timed(lambda x: lif_multistep(x, 0.5, 1.0)),
+              "relu_s": timed(torch.relu), "spikingjelly_s": None, "ratio": None, "note": ""}
+    try:
+        from spikingjelly.activation_based import functional, neuron, surrogate
+    except ImportError:
+        result["note"] = "not installed (pip install --no-deps spikingjelly loguru); row skipped"
+        return result
+    lif = neuron.LIFNode(tau=2.0, v_reset=None, surrogate_function=surrogate.ATan(), step_mode="m")
+
+    def spikingjelly(x):
+        functional.reset_net(lif)  # every run starts at rest, as ours does
+        return lif(x)
+
+    result["spikingjelly_s"] = timed(spikingjelly)
+    result["ratio"] = result["spikelm_s"] / result["spikingjelly_s"]
+    result["note"] = "SpikingJelly LIFNode(tau=2, v_reset=None, ATan, step_mode='m') (its torch code)"
+    return result
+
+
+def energy_per_token(name, model, settings):
+    import torch
+
+    from .energy import energy_report
+
+    ids = torch.randint(settings["vocab_size"], (1, settings["energy_context"]))
+    report = energy_report(model, ids)
+    return {"name": name, **{key: report[key] for key in ("pj_per_token", "ann_pj_per_token", "energy_ratio",
+                                                         "firing_rate", "ac_per_token", "mac_per_token")}}
+
+
+def machine_info():
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def ratios(report):
+    """The headline comparisons, from the rows."""
+    training = {r["name"]: r["tokens_per_s"] for r in report["training"]}
+    inference = {(r["name"], r["context"]): r for r in report["inference"]}
+    contexts = report["settings"]["contexts"]
+    low, high = min(contexts), max(contexts)
+    out = {}
+    for name in training:
+        tag = name.replace("spikelm T=", "spikelm_t")
+        out[f"decode_time_{tag}_ctx{high}_over_ctx{low}"] = (inference[(name, high)]["decode_ms_per_token"]
+                                                             / inference[(name, low)]["decode_ms_per_token"])
+        if name == "gpt2":
+            continue
+        out[f"training_tokens_per_s_{tag}_over_gpt2"] = training[name] / training["gpt2"]
+        for context in contexts:
+            out[f"decode_tokens_per_s_{tag}_over_gpt2_ctx{context}"] = (
+                inference[(name, context)]["decode_tokens_per_s"] / inference[("gpt2", context)]["decode_tokens_per_s"])
+        energy = next(e for e in report["energy"]["models"] if e["name"] == name)
+        out[f"energy_per_token_{tag}_over_gpt2"] = energy["energy_ratio"]
+    out["neuron_time_over_spikingjelly"] = report["neuron"]["ratio"]
+    return out
+
+
+def run_benchmark(settings, log=print):
+    """Run every measurement; -> the report dict (written as JSON by the command)."""
+    report = {"machine": machine_info(), "settings": settings,
+              "shape": {k: settings[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                 "intermediate_size", "vocab_size")},
+              "inference": [], "training": []}
+    models = build_models(settings)
+    for name, model in models:
+        model.eval()
+        for context in settings["contexts"]:
+            row = {"name": name, **inference_speed(model, context, settings)}
+            report["inference"].append(row)
+            log(f"{name:>14} context {context:>5}: prefill {row['prefill_tokens_per_s']:9.0f} tokens/s, decode "
+                f"{row['decode_tokens_per_s']:7.1f} tokens/s, state {row['state_bytes'] / 2**20:7.2f} MiB")
+    report["energy"] = {"context": settings["energy_context"],
+                        "models": [energy_per_token(name, model, settings) for name, model in models[1:]]}
+    for name, model in models:
+        row = {"name": name, **training_speed(model, settings)}
+        report["training"].append(row)
+        log(f"{name:>14} training: {row['tokens_per_s']:9.0f} tokens/s")
+    report["neuron"] = neuron_speed(settings)
+    log(f"neuron fwd+bwd {report['neuron']['spikelm_s'] * 1000:.1f} ms, SpikingJelly "
+        f"{(report['neuron']['spikingjelly_s'] or float('nan')) * 1000:.1f} ms")
+    for row in report["inference"]:  # last: it changes the allocator's settings
+        model = dict(models)[row["name"]]
+        row["peak_rss_growth_bytes"] = memory_growth(model, row["context"], settings)
+        log(f"{row['name']:>14} context {row['context']:>5}: peak RSS growth "
+            f"{(row['peak_rss_growth_bytes'] or 0) / 2**20:7.1f} MiB")
+    report["ratios"] = ratios(report)
+    return report
+
+
+# ================================================================ the `spikelm bench` command
+
+
+def add_arguments(parser):
+    parser.add_argument("--quick", action="store_true", help="small shapes, two contexts: under a minute")
+    parser.add_argument("--preset", default=None, help="take the shape from a preset (tiny, small, base, medium)")
+    parser.add_argument("--hidden-size", type=int, default=None, help=f"D (default {FULL['hidden_size']})")
+    parser.add_argument("--layers", type=int, default=None, help=f"default {FULL['num_hidden_layers']}")
+    parser.add_argument("--heads", type=int, default=None, help=f"default {FULL['num_attention_heads']}")
+    parser.add_argument("--intermediate-size", type=int, default=None, help="MLP width (default 4 D)")
+    parser.add_argument("--vocab-size", type=int, default=None, help=f"default {FULL['vocab_size']}")
+    parser.add_argument("--time-steps", type=int, nargs="+", default=None, help="spikelm T, one model each (default 4)")
+    parser.add_argument("--attention-type", choices=("ssa", "sdsa"), default="ssa")
+    parser.add_argument("--contexts", type=int, nargs="+", default=None, help="default 128 512 2048 4096")
+    parser.add_argument("--train-batch", type=int, default=None, help="training batch (default 8)")
+    parser.add_argument("--train-seq-len", type=int, default=None, help="training sequence length (default 256)")
+    parser.add_argument("--decode-tokens", type=int, default=None, help="decode steps timed per context (default 32)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats, medians reported (default 5)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--output", default="runs/bench.json", help="JSON file; the Markdown goes beside it (.md)")
+
+
+def settings_from_args(args):
+    settings = dict(QUICK if args.quick else FULL)
+    if args.preset:
+        from .presets import preset
+
+        shape = preset(args.preset)
+        settings.update({k: shape[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                               "vocab_size")})
+        settings["intermediate_size"] = shape.get("intermediate_size") or 4 * shape["hidden_size"]
+        settings["time_steps"] = [shape.get("time_steps", 4)]
+    flags = {"hidden_size": args.hidden_size, "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
+             "vocab_size": args.vocab_size, "time_steps": args.time_steps, "contexts": args.contexts,
+             "train_batch": args.train_batch, "train_seq_len": args.train_seq_len,
+             "decode_tokens": args.decode_tokens, "repeats": args.repeats, "warmup": args.warmup}
+    settings.update({k: v for k, v in flags.items() if v is not None})
+    if args.intermediate_size is not None:
+        settings["intermediate_size"] = args.intermediate_size
+    elif args.hidden_size is not None and not args.preset:
+        settings["intermediate_size"] = 4 * args.hidden_size
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+                "train_batch", "train_seq_len", "decode_tokens", "repeats"):
+        if settings[key] < 1:
+            raise SpikeLMError(f"--{key.replace('_', '-')} must be at least 1 (got {settings[key]})")
+    if settings["warmup"] < 0:
+        raise SpikeLMError(f"--warmup must not be negative (got {settings['warmup']})")
+    if min(settings["contexts"]) < 1 or min(settings["time_steps"]) < 1:
+        raise SpikeLMError("--contexts and --time-steps must be positive")
+    if settings["hidden_size"] % settings["num_attention_heads"]:
+        raise SpikeLMError(f"--hidden-size {settings['hidden_size']} must be divisible by --heads "
+                           f"{settings['num_attention_heads']}")
+    settings["contexts"] = sorted(set(settings["contexts"]))
+    settings["energy_context"] = min(settings["energy_context"], max(settings["contexts"]))
+    settings["attention_type"] = args.attention_type
+    settings["dtype"] = "float32"
+    return settings
+
+
+def command_line(args):
+    """The flags that were given, as a command line to rerun (recorded in the JSON)."""
+    words = ["spikelm", "bench"]
+    for key, value in vars(args).items():
+        if key in ("command", "output") or value is None or value is False:
+            continue
+        words.append("--" + key.replace("_", "-"))
+        if value is not True:
+            words += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+    return " ".join(words)
+
+
+def run(args) -> int:
+    if args.threads is not None and args.threads < 1:
+        raise SpikeLMError(f"--threads must be at least 1 (got {args.threads})")
+    settings = settings_from_args(args)
+    import torch
+
+    from .reporting import benchmark_markdown
+
+    torch.set_num_threads(args.threads or os.cpu_count())
+    report = run_benchmark(settings)
+    report["command"] = command_line(args)
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2))
+    markdown = benchmark_markdown(report)
+    output.with_suffix(".md").write_text(markdown)
+    print(markdown)
+    print(f"wrote {output} and {output.with_suffix('.md')}")
+    return 0

@@ -1,0 +1,85 @@
+"""spikelm bench: the quick run finishes in under a minute and writes every field; the memory probe sees
+an allocation it is shown."""
+
+import json
+import math
+import time
+
+import torch
+
+from spikelm.benchmark import QUICK, PeakRSS
+from spikelm.cli import main
+from spikelm.reporting import results_page
+
+TRAINING = {"name", "tokens_per_s", "step_s"}
+INFERENCE = {"name", "context", "prefill_tokens_per_s", "prefill_s", "decode_tokens_per_s", "decode_ms_per_token",
+             "state_bytes", "peak_rss_growth_bytes"}
+NEURON = {"shape", "spikelm_s", "relu_s", "spikingjelly_s", "ratio", "note"}
+ENERGY = {"name", "pj_per_token", "ann_pj_per_token", "energy_ratio", "firing_rate", "ac_per_token", "mac_per_token"}
+
+
+def positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_peak_rss_sees_a_64_mib_tensor():
+    with PeakRSS() as memory:
+        block = torch.ones(16 * 2**20)  # 64 MiB, written so that its pages are resident
+        del block
+    assert memory.growth is not None and 60 * 2**20 < memory.growth < 200 * 2**20
+
+
+def test_quick_bench_runs_in_a_minute_and_writes_every_field(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    start = time.monotonic()
+    assert main(["bench", "--quick", "--threads", "1", "--output", str(out)]) == 0
+    assert time.monotonic() - start < 60
+    report = json.loads(out.read_text())
+    assert set(report) == {"machine", "settings", "shape", "inference", "training", "energy", "neuron", "ratios",
+                           "command"}
+    assert report["command"] == "spikelm bench --quick --attention-type ssa --threads 1"
+    assert report["machine"]["torch_threads"] == 1
+    assert {"cpu", "cpu_count", "torch", "transformers", "python", "date"} <= set(report["machine"])
+    settings = report["settings"]
+    assert settings["contexts"] == QUICK["contexts"] and settings["hidden_size"] == QUICK["hidden_size"]
+    names = ["gpt2"] + [f"spikelm T={t}" for t in settings["time_steps"]]
+
+    assert [row["name"] for row in report["training"]] == names
+    for row in report["training"]:
+        assert set(row) == TRAINING and positive(row["tokens_per_s"]) and positive(row["step_s"])
+
+    rows = {(row["name"], row["context"]): row for row in report["inference"]}
+    assert set(rows) == {(name, c) for name in names for c in settings["contexts"]}
+    decoded = settings["warmup"] + settings["decode_tokens"]
+    for (name, context), row in rows.items():
+        assert set(row) == INFERENCE
+        assert all(positive(row[k]) for k in INFERENCE - {"name", "context", "peak_rss_growth_bytes"})
+        assert row["peak_rss_growth_bytes"] is not None and row["peak_rss_growth_bytes"] >= 0
+        if name == "gpt2":  # keys and values: 2 x layers x tokens x D float32 numbers
+            tokens = context + decoded
+            assert row["state_bytes"] == 2 * settings["num_hidden_layers"] * tokens * settings["hidden_size"] * 4
+    for name in names[1:]:  # spikelm's state does not grow with the context
+        assert len({rows[(name, c)]["state_bytes"] for c in settings["contexts"]}) == 1
+
+    assert set(report["neuron"]) == NEURON and positive(report["neuron"]["spikelm_s"])
+    try:
+        import spikingjelly  # noqa: F401
+        assert positive(report["neuron"]["spikingjelly_s"]) and positive(report["neuron"]["ratio"])
+    except ImportError:
+        assert report["neuron"]["spikingjelly_s"] is None and "not installed" in report["neuron"]["note"]
+
+    assert report["energy"]["context"] == QUICK["energy_context"]
+    for row in report["energy"]["models"]:
+        assert set(row) == ENERGY and 0 < row["energy_ratio"] < 10 and 0 < row["firing_rate"] < 1
+
+    low, high = min(settings["contexts"]), max(settings["contexts"])
+    expected = {"neuron_time_over_spikingjelly", f"decode_time_gpt2_ctx{high}_over_ctx{low}"}
+    for t in settings["time_steps"]:
+        expected |= {f"decode_time_spikelm_t{t}_ctx{high}_over_ctx{low}", f"training_tokens_per_s_spikelm_t{t}_over_gpt2",
+                     f"energy_per_token_spikelm_t{t}_over_gpt2"}
+        expected |= {f"decode_tokens_per_s_spikelm_t{t}_over_gpt2_ctx{c}" for c in settings["contexts"]}
+    assert set(report["ratios"]) == expected
+    markdown = out.with_suffix(".md").read_text()
+    assert "| spikelm T=4 | 512 |" in markdown and "SpikingJelly" in markdown
+    page = results_page(bench=report)  # docs/results.md is rendered from the JSON alone
+    assert page.startswith("# Results") and "| gpt2 | 128 |" in page and report["command"] in page
