@@ -449,7 +449,6 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
             raise ValueError(f"SpikeLMModel expects inputs_embeds of shape [B, N, {self.config.hidden_size}], "
                              f"got {tuple(inputs_embeds.shape)}")
         B, n, D = inputs_embeds.shape
-        T = self.config.time_steps
         use_cache = (use_cache if use_cache is not None else self.config.use_cache) and not self.training
         if use_cache and cache is None:
             cache = SpikeLMCache(self.config)
@@ -463,16 +462,28 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
                 raise ValueError(f"SpikeLMModel expects attention_mask of shape [B={B}, >= {n}], "
                                  f"got {tuple(attention_mask.shape)}")
             mask = attention_mask[:, -n:].to(inputs_embeds.dtype)
+        if cache is not None and n > ATTENTION_CHUNK and not torch.is_grad_enabled():
+            # A long prompt with a state to fill: the whole stack runs chunk by chunk, carrying the state, so
+            # the memory of a prefill does not grow with its length.
+            spikes = torch.cat([self._stack(inputs_embeds[:, start:start + ATTENTION_CHUNK],
+                                            mask[:, start:start + ATTENTION_CHUNK], cache)
+                                for start in range(0, n, ATTENTION_CHUNK)], dim=2)
+        else:
+            spikes = self._stack(inputs_embeds, mask, cache)
+        return SpikeLMModelOutput(last_hidden_state=spikes.mean(0), cache=cache, spikes=spikes)
+
+    def _stack(self, inputs_embeds, mask, cache):
+        """Embeddings [B, n, D] -> output spikes [T, B, n, D], continuing from and updating `cache`."""
+        B, n, D = inputs_embeds.shape
         # One token with a state to continue from: the recurrent form. Otherwise the (chunked) parallel form.
         recurrent = cache is not None and n == 1 and cache.seen_tokens > 0
-
-        membrane = inputs_embeds.unsqueeze(0).expand(T, B, n, D)  # the input current at every step
+        membrane = inputs_embeds.unsqueeze(0).expand(self.config.time_steps, B, n, D)  # input current at each step
         for i, block in enumerate(self.layers):
             membrane = block(membrane, mask, cache.layers[i] if cache is not None else None, recurrent)
         spikes = self.output_neuron(self.norm(membrane))
         if cache is not None:
             cache.seen_tokens += n
-        return SpikeLMModelOutput(last_hidden_state=spikes.mean(0), cache=cache, spikes=spikes)
+        return spikes
 
 
 class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):

@@ -304,3 +304,15 @@ def test_auto_classes_find_spikelm():
     assert out.spikes.shape == (config.time_steps, 1, 5, 32)
     assert out.last_hidden_state.shape == (1, 5, 32)
     assert type(AutoModelForCausalLM.from_config(config)) is SpikeLMForCausalLM
+
+
+def test_long_prefill_runs_in_chunks_with_the_same_logits():
+    from spikelm.modeling_spikelm import ATTENTION_CHUNK
+
+    model = tiny_model("ssa", torch.float64)
+    ids = torch.randint(0, 48, (1, ATTENTION_CHUNK * 2 + 37))
+    with torch.no_grad():
+        whole = model(ids, use_cache=False).logits  # one pass of the stack
+        chunked = model(ids, use_cache=True)  # the stack chunk by chunk, state carried
+    assert chunked.cache.get_seq_length() == ids.shape[1]
+    assert (whole - chunked.logits).abs().max() <= 1e-4

@@ -94,3 +94,13 @@ def test_compiled_kernels_equal_the_eager_path():
     for (s1, g1), (s2, g2) in zip(results[:2], results[2:]):
         assert torch.equal(s1, s2)
         assert torch.allclose(g1, g2, atol=1e-5)
+
+
+@pytest.mark.parametrize("reset", ["soft", "hard"])
+def test_inference_path_equals_training_path(reset):
+    from spikelm.neurons import lif_inference
+
+    current = torch.randn(4, 5, 300, dtype=torch.float64) * 1.5
+    leak = torch.tensor(0.6, dtype=torch.float64)
+    expected = lif_multistep(current, leak, 1.0, reset, initial_membrane=0.5)
+    assert torch.equal(lif_inference(current, leak, 1.0, reset, initial_membrane=0.5), expected)
