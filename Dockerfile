@@ -15,8 +15,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # torch first, pinned, so that the package's range (torch<2.14) accepts it and nothing later replaces it.
-# On x86-64, --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu gets the small CPU-only wheel.
-ARG TORCH_INDEX_URL=""
+# The CPU-only wheel by default (PyPI's x86-64 wheel is a multi-GB CUDA build); --build-arg TORCH_INDEX_URL=
+# (empty) takes PyPI's instead.
+ARG TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu"
 RUN pip install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 
 # dependencies before the source, so that a code change does not reinstall them

@@ -223,8 +223,15 @@ def neuron_speed(settings):
 
         return median_time(fwd_bwd, settings["repeats"], settings["warmup"])
 
+    from .neurons import enable_compiled_kernels
+
+    enable_compiled_kernels(False)  # the eager fast path first
     result = {"shape": settings["neuron_shape"], "spikelm_s": timed(lambda x: lif_multistep(x, 0.5, 1.0)),
-              "relu_s": timed(torch.relu), "spikingjelly_s": None, "ratio": None, "note": ""}
+              "relu_s": timed(torch.relu), "spikingjelly_s": None, "ratio": None, "note": "",
+              "spikelm_compiled_s": None}
+    if settings.get("compile_neurons"):  # and the compiled kernels (a one-off compilation in the warm-up)
+        enable_compiled_kernels(True)
+        result["spikelm_compiled_s"] = timed(lambda x: lif_multistep(x, 0.5, 1.0))
     try:
         from spikingjelly.activation_based import functional, neuron, surrogate
     except ImportError:
@@ -238,6 +245,8 @@ def neuron_speed(settings):
 
     result["spikingjelly_s"] = timed(spikingjelly)
     result["ratio"] = result["spikelm_s"] / result["spikingjelly_s"]
+    if result["spikelm_compiled_s"] is not None:
+        result["compiled_ratio"] = result["spikelm_compiled_s"] / result["spikingjelly_s"]
     result["note"] = "SpikingJelly LIFNode(tau=2, v_reset=None, ATan, step_mode='m') (its torch code)"
     return result
 
@@ -297,6 +306,9 @@ def run_benchmark(settings, log=print):
               "shape": {k: settings[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
                                                  "intermediate_size", "vocab_size")},
               "inference": [], "training": []}
+    from .neurons import enable_compiled_kernels
+
+    enable_compiled_kernels(bool(settings.get("compile_neurons")))  # training and inference of spikelm
     models = build_models(settings)
     for name, model in models:
         model.eval()
@@ -343,6 +355,8 @@ def add_arguments(parser):
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats, medians reported (default 5)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--compile-neurons", action="store_true",
+                        help="spikelm with the compiled neuron kernels (torch.compile; adds compilation time)")
     parser.add_argument("--output", default="runs/bench.json", help="JSON file; the Markdown goes beside it (.md)")
 
 
@@ -380,6 +394,7 @@ def settings_from_args(args):
     settings["energy_context"] = min(settings["energy_context"], max(settings["contexts"]))
     settings["attention_type"] = args.attention_type
     settings["dtype"] = "float32"
+    settings["compile_neurons"] = args.compile_neurons
     return settings
 
 

@@ -163,6 +163,11 @@ def benchmark_markdown(report):
     else:
         lines.append(f"Neuron forward+backward over a {shape_text} float32 tensor: spikelm `lif_multistep` "
                      f"{neuron['spikelm_s'] * 1000:.1f} ms; SpikingJelly: {neuron['note']}.")
+    if neuron.get("spikelm_compiled_s") is not None:
+        versus = (f" ({neuron['compiled_ratio']:.2f} of SpikingJelly's time)" if neuron.get("compiled_ratio")
+                  else "")
+        lines.append(f"With the compiled kernels (`--compile-neurons`): {neuron['spikelm_compiled_s'] * 1000:.1f} "
+                     f"ms{versus}.")
     energy = report["energy"]
     lines += ["", f"Energy per token at context {energy['context']} (random weights: the firing rates are not "
               f"a trained model's): " + "; ".join(
