@@ -14,7 +14,7 @@ from spikelm.reporting import results_page
 TRAINING = {"name", "tokens_per_s", "step_s"}
 INFERENCE = {"name", "context", "prefill_tokens_per_s", "prefill_s", "decode_tokens_per_s", "decode_ms_per_token",
              "state_bytes", "peak_rss_growth_bytes"}
-NEURON = {"shape", "spikelm_s", "relu_s", "spikingjelly_s", "ratio", "note"}
+NEURON = {"shape", "spikelm_s", "relu_s", "spikingjelly_s", "ratio", "note", "spikelm_compiled_s"}
 ENERGY = {"name", "pj_per_token", "ann_pj_per_token", "energy_ratio", "firing_rate", "ac_per_token", "mac_per_token"}
 
 
@@ -62,6 +62,7 @@ def test_quick_bench_runs_in_a_minute_and_writes_every_field(tmp_path, capsys):
         assert len({rows[(name, c)]["state_bytes"] for c in settings["contexts"]}) == 1
 
     assert set(report["neuron"]) == NEURON and positive(report["neuron"]["spikelm_s"])
+    assert report["neuron"]["spikelm_compiled_s"] is None  # compiled kernels only with --compile-neurons
     try:
         import spikingjelly  # noqa: F401
         assert positive(report["neuron"]["spikingjelly_s"]) and positive(report["neuron"]["ratio"])
