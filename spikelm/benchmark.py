@@ -312,6 +312,7 @@ def run_benchmark(settings, log=print):
     models = build_models(settings)
     for name, model in models:
         model.eval()
+        inference_speed(model, settings["contexts"][0], settings)  # warm-up: the first run pays one-off costs
         for context in settings["contexts"]:
             row = {"name": name, **inference_speed(model, context, settings)}
             report["inference"].append(row)

@@ -513,7 +513,12 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
         spikes = outputs.spikes
         if logits_to_keep:
             spikes = spikes[:, :, -logits_to_keep:]
-        logits = self.lm_head(spikes).mean(0)  # [B, N, V]: mean over the T steps
+        # [B, N, V]: the mean over the T steps of the head fed each step's spikes, accumulated step by step so
+        # that a long prompt never holds T copies of its logits
+        logits = self.lm_head(spikes[:1])[0]
+        for t in range(1, spikes.shape[0]):
+            logits = logits + self.lm_head(spikes[t:t + 1])[0]
+        logits = logits / spikes.shape[0]
         if self.counter is not None:
             self.counter.head_average(self, logits)
         loss = None
