@@ -2,7 +2,7 @@
 vocabulary size (used when `spikelm train` has to train a tokenizer first).
 
 tiny   tests: trains in seconds on one CPU core
-small  the README quickstart: 500 steps on Tiny Shakespeare in 4 to 12 minutes on 2 CPU cores,
+small  the README quickstart: 500 steps on Tiny Shakespeare in under 3 minutes on 2 idle CPU cores,
        held-out bits per byte 4.55 -> 2.56
 base, medium   for GPUs
 """
