@@ -25,12 +25,18 @@ from .errors import SpikeLMError
 from .modeling_spikelm import SpikeLMForCausalLM
 
 
-def ann_twin_config(config: SpikeLMConfig, levels: int | None = None) -> SpikeLMConfig:
-    """The ANN twin of a spiking config: same shape, QCFS activations with `levels` (default: its T) levels."""
+def _fields(config: SpikeLMConfig) -> dict:
+    """The config's own fields, without what save_pretrained adds, to build a variant from."""
     settings = config.to_dict()
-    levels = levels or config.time_steps
     for key in ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path"):
         settings.pop(key, None)
+    return settings
+
+
+def ann_twin_config(config: SpikeLMConfig, levels: int | None = None) -> SpikeLMConfig:
+    """The ANN twin of a spiking config: same shape, QCFS activations with `levels` (default: its T) levels."""
+    settings = _fields(config)
+    levels = levels or config.time_steps
     settings.update(neuron_type="qcfs", quantization_levels=levels, time_steps=1, threshold=1.0,
                     initial_membrane=0.0, learn_leak=False)
     return SpikeLMConfig(**settings)
@@ -52,9 +58,7 @@ def convert_to_snn(twin: SpikeLMForCausalLM) -> SpikeLMForCausalLM:
         raise SpikeLMError("convert needs an ANN twin (neuron_type 'qcfs'): train one with `spikelm convert`")
     layers = twin.model.layers
     base_scales = [layer.attention.scale for layer in layers]
-    settings = config.to_dict()
-    for key in ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path"):
-        settings.pop(key, None)
+    settings = _fields(config)
     settings.update(neuron_type="if", time_steps=config.quantization_levels, threshold=1.0, initial_membrane=0.5,
                     reset="soft", learn_leak=False)
 

@@ -296,36 +296,28 @@ class SpikeLMAttention(nn.Module):
             carried = (spikes.new_zeros(shape), spikes.new_zeros(B, H))
         mask = mask.to(dtype)
         if self.kind == "ssa":
-            if recurrent:
-                out, carried = ssa_recurrent(self._heads(q)[..., 0, :], self._heads(k)[..., 0, :],
-                                             self._heads(v)[..., 0, :], decay, self.scale, mask[:, 0], carried)
-                out = out[..., None, :]
-            else:
-                outs = []
-                for start in range(0, n, ATTENTION_CHUNK):
-                    part = slice(start, start + ATTENTION_CHUNK)
-                    out, carried = ssa_parallel(self._heads(q[:, :, part]), self._heads(k[:, :, part]),
-                                                self._heads(v[:, :, part]), decay, self.scale, mask[:, part],
-                                                carried)
-                    outs.append(out)
-                out = torch.cat(outs, dim=-2)
-            out = out.transpose(2, 3).reshape(T, B, n, D)
-            attended = self.readout_neuron(out)
+            heads = [self._heads(x) for x in (q, k, v)]  # [T, B, H, n, d] each
+            parallel = lambda xs, m, c: ssa_parallel(*xs, decay, self.scale, m, c)  # noqa: E731
+            step = lambda xs, m, c: ssa_recurrent(*xs, decay, self.scale, m, c)  # noqa: E731
         else:
-            if recurrent:
-                out, carried = sdsa_recurrent(self._heads(k)[..., 0, :], self._heads(v)[..., 0, :], decay,
-                                              mask[:, 0], carried)
-                out = out[..., None, :]
-            else:
-                outs = []
-                for start in range(0, n, ATTENTION_CHUNK):
-                    part = slice(start, start + ATTENTION_CHUNK)
-                    out, carried = sdsa_parallel(self._heads(k[:, :, part]), self._heads(v[:, :, part]), decay,
-                                                 mask[:, part], carried)
-                    outs.append(out)
-                out = torch.cat(outs, dim=-2)
-            out = out.transpose(2, 3).reshape(T, B, n, D)
-            attended = q * self.readout_neuron(self.scale * out if self.scale != 1.0 else out)  # q masks
+            heads = [self._heads(x) for x in (k, v)]
+            parallel = lambda xs, m, c: sdsa_parallel(*xs, decay, m, c)  # noqa: E731
+            step = lambda xs, m, c: sdsa_recurrent(*xs, decay, m, c)  # noqa: E731
+        if recurrent:
+            out, carried = step([x[..., 0, :] for x in heads], mask[:, 0], carried)
+            out = out[..., None, :]
+        else:
+            outs = []
+            for start in range(0, n, ATTENTION_CHUNK):
+                part = slice(start, start + ATTENTION_CHUNK)
+                out, carried = parallel([x[..., part, :] for x in heads], mask[:, part], carried)
+                outs.append(out)
+            out = torch.cat(outs, dim=-2)
+        out = out.transpose(2, 3).reshape(T, B, n, D)
+        if self.kind == "ssa":
+            attended = self.readout_neuron(out)
+        else:  # the thresholded running mean, masked by q
+            attended = q * self.readout_neuron(self.scale * out if self.scale != 1.0 else out)
         if self.counter is not None:
             self.counter.attention(self, q, k, v, mask, attended)
         if state is not None:
