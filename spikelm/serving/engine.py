@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..energy import (E_AC_PJ, E_MAC_PJ, EnergyCounter, _is_binary, count_energy, gpt2_reference_counts,
-                      head_average_ops, neuron_ops, norm_ops, residual_ops, sdsa_ops, ssa_ops,
-                      weight_ops_on_reals, weight_ops_on_spikes)
+                      head_average_ops, neuron_ops, norm_ops, residual_ops, weight_ops_on_reals,
+                      weight_ops_on_spikes)
 
 logger = logging.getLogger("spikelm.serving")
 
@@ -107,16 +107,8 @@ class RowEnergyCounter(EnergyCounter):
         self.row_neuron_steps += spikes.numel() // self.rows
 
     def attention(self, module, q, k, v, mask, attended):
-        T, B, n, D = q.shape
-        H, d = module.num_heads, module.head_dim
         self._rows_of(q)
-        if module.kind == "ssa":
-            k_count = k.reshape(T, B, n, H, d).sum(-1).long()
-            v_count = v.reshape(T, B, n, H, d).sum(-1).long()
-            pairs = (k_count * v_count).sum(dim=(0, 2, 3))
-            self._add(ssa_ops(T, H, d, n, pairs, _per_row(q)))
-        else:
-            self._add(sdsa_ops(T, H, D, n, _per_row(k * v)))
+        self._add(module.count_ops(q, k, v))
 
     def head_average(self, module, logits):
         self._add(head_average_ops(logits.shape[-1], self._rows_of(logits, dim=0) // logits.shape[-1]))
@@ -281,18 +273,6 @@ class Sequence:
 # ================================================================ the engine
 
 
-def _concat_caches(batch, new):
-    """Append the rows of cache `new` to cache `batch` (in place); returns the batched cache."""
-    if batch is None:
-        return new
-    for layer, extra in zip(batch.layers, new.layers):
-        layer.attention_state = torch.cat([layer.attention_state, extra.attention_state], dim=1)
-        layer.previous_spikes = torch.cat([layer.previous_spikes, extra.previous_spikes], dim=1)
-        layer.decay_sum = torch.cat([layer.decay_sum, extra.decay_sum], dim=0)
-    batch.seen_tokens = max(batch.seen_tokens, new.seen_tokens)  # > 0 selects the recurrent form
-    return batch
-
-
 class Engine:
     """Runs a model for many concurrent requests; one background thread does all the model work."""
 
@@ -405,7 +385,7 @@ class Engine:
                 self._emit(sequence, SequenceEvent(error=f"generation failed: {error}", finish_reason="error"))
                 continue
             if cache is not None:
-                self._cache = _concat_caches(self._cache, cache)
+                self._cache = cache if self._cache is None else self._cache.append_rows(cache)
                 self._active.append(sequence)
 
     def _prefill(self, sequence):
