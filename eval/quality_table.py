@@ -41,7 +41,8 @@ def prepare(output: Path, preset_name: str, block_size: int):
     from spikelm.data import load_corpus, iter_texts, prepare_blocks
     from spikelm.evaluation import encode
     from spikelm.presets import preset
-    from spikelm.tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
+    from spikelm.loading import has_tokenizer, load_tokenizer
+    from spikelm.tokenizer import train_tokenizer
 
     tokenizer_dir, cached = output / "tokenizer", output / f"blocks-{block_size}.pt"
     if cached.exists():  # every run of the table reads the same tensors
@@ -77,8 +78,8 @@ def base_config(preset_name, tokenizer, gated):
 def row_names(headline_gated: bool, preset_T: int):
     headline = "spikelm gated" if headline_gated else "spikelm"
     others = [T for T in (1, 2, 4) if T != preset_T]
-    return ["spikelm", "spikelm gated", "GPT-2 matched", "ANN twin"] + \
-        [f"{headline} T={T}" for T in others] + [f"{headline} attention zeroed"]
+    return ["spikelm", "spikelm gated", "GPT-2 matched", "ANN twin", f"{headline} attention zeroed"] + \
+        [f"{headline} T={T}" for T in others]
 
 
 def build(row: str, preset_name: str, tokenizer, block_size: int, headline_gated: bool):
@@ -340,6 +341,9 @@ def main(argv=None):
         sweeps.setdefault(row, {"bits_per_byte": {}, "best_lr": sweeps[headline]["best_lr"]})
     jobs = [dict(common, row=row, lr=sweeps[row]["best_lr"], seed=seed, steps=steps)
             for steps in args.steps for seed in args.seeds for row in rows]
+    # the swept rows over every seed first, then the other rows seed by seed: a table cut short by time still
+    # has the main comparison complete
+    jobs.sort(key=lambda job: (job["steps"], job["row"] not in sweep_rows and 1 + args.seeds.index(job["seed"])))
     if args.summarise_only:  # the runs finished so far
         results = [r for r in map(finished, jobs) if r is not None]
     else:

@@ -5,7 +5,8 @@ Rules (DESIGN.md section 3), one small pure function each, over counts:
 - a weight matrix out x in fed spikes: out x (number of input spikes) accumulates (ACs);
   fed real values: out x in multiply-accumulates (MACs) per input vector;
 - spike attention: what its recurrent form performs. The state update and the read-out add only where
-  spikes are 1 (ACs); the decay, the decay sum and the scale are multiplications (MACs);
+  spikes are 1 (ACs); the decay, the decay sum and the scale are multiplications (MACs); a gated decay adds
+  its matrix (fed spikes, as any other) and, per head and token, its sum over the steps, bias and sigmoid;
 - neurons: per neuron and step, charging is a MAC (leak * v + x; an AC for IF, whose leak is 1) and the
   threshold comparison an AC; a soft reset subtracts the threshold once per spike (AC);
 - the membrane shortcut adds each branch's output to the residual stream: an AC per element and step,
