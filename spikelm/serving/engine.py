@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..energy import (E_AC_PJ, E_MAC_PJ, EnergyCounter, _is_binary, count_energy, gpt2_reference_counts,
-                      head_average_ops, neuron_ops, norm_ops, residual_ops, sdsa_ops, ssa_ops,
+from ..energy import (E_AC_PJ, E_MAC_PJ, EnergyCounter, _is_binary, _layer_order, count_energy,
+                      gpt2_reference_counts, head_average_ops, neuron_ops, norm_ops, residual_ops, sdsa_ops, ssa_ops,
                       weight_ops_on_reals, weight_ops_on_spikes)
 
 logger = logging.getLogger("spikelm.serving")
@@ -67,6 +67,7 @@ class RowEnergyCounter(EnergyCounter):
         self.rows = rows
         zeros = lambda: torch.zeros(rows, dtype=torch.int64)  # noqa: E731
         self.row_ac, self.row_mac, self.row_spikes, self.row_neuron_steps = zeros(), zeros(), zeros(), zeros()
+        self.layer_spikes, self.layer_neuron_steps = {}, {}  # layer label -> [B] spikes, neuron-steps per row
         return self
 
     def _add(self, ops):
@@ -105,6 +106,9 @@ class RowEnergyCounter(EnergyCounter):
         self._add(neuron_ops(neurons, spikes.shape[0], count, leak_is_one, neuron.reset))
         self.row_spikes += count
         self.row_neuron_steps += spikes.numel() // self.rows
+        layer = self.labels[neuron]
+        self.layer_spikes[layer] = self.layer_spikes.get(layer, 0) + count
+        self.layer_neuron_steps[layer] = self.layer_neuron_steps.get(layer, 0) + spikes.numel() // self.rows
 
     def attention(self, module, q, k, v, mask, attended):
         T, B, n, D = q.shape
@@ -127,6 +131,11 @@ class RowEnergyCounter(EnergyCounter):
     def row(self, i) -> "StepEnergy":
         return StepEnergy(int(self.row_ac[i]), int(self.row_mac[i]), int(self.row_spikes[i]),
                           int(self.row_neuron_steps[i]))
+
+    def row_firing_rates(self, i) -> dict[str, float]:
+        """Spikes per neuron and time step of row i, by layer ("layers.0", ..., "head"), in layer order."""
+        return {layer: int(self.layer_spikes[layer][i]) / self.layer_neuron_steps[layer]
+                for layer in sorted(self.layer_neuron_steps, key=_layer_order)}
 
 
 @dataclass
@@ -248,6 +257,8 @@ class SequenceEvent:
     token_id: int | None = None
     energy: StepEnergy | None = None
     pj: float = 0.0
+    firing_rate_per_layer: dict[str, float] | None = None  # of the forward pass that made the token
+    gpt2_pj: float = 0.0  # the same-shape GPT-2 doing that forward pass (with a KV cache)
     finish_reason: str | None = None  # "stop", "length"; None while generating
     usage: RequestUsage | None = None
     error: str | None = None
@@ -269,6 +280,7 @@ class Sequence:
         self.generated: list[int] = []
         self.energy = StepEnergy()
         self.tokens_processed = 0
+        self.gpt2_macs = 0  # the same-shape GPT-2's MACs for the tokens processed so far
         self.cancelled = False
         self.finished = False
         self.submitted_at = time.monotonic()
@@ -414,7 +426,7 @@ class Engine:
         with count_energy(self.model, counter):
             output = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         sequence.tokens_processed += ids.shape[1]
-        finished = self._accept(sequence, output.logits[0, -1], counter.row(0))
+        finished = self._accept(sequence, output.logits[0, -1], counter.row(0), counter.row_firing_rates(0))
         return None if finished else output.cache
 
     def _decode_step(self):
@@ -429,7 +441,7 @@ class Engine:
         keep = []
         for row, sequence in enumerate(batch):
             sequence.tokens_processed += 1
-            if not self._accept(sequence, output.logits[row, -1], counter.row(row)):
+            if not self._accept(sequence, output.logits[row, -1], counter.row(row), counter.row_firing_rates(row)):
                 keep.append(row)
         self._keep_rows(keep)
 
@@ -449,8 +461,10 @@ class Engine:
         for layer in self._cache.layers:
             layer.batch_select_indices(index)
 
-    def _accept(self, sequence, logits, energy: StepEnergy) -> bool:
+    def _accept(self, sequence, logits, energy: StepEnergy, firing_rate_per_layer=None) -> bool:
         """Sample the next token from logits [V], tell the request; returns True when the sequence is done."""
+        gpt2_macs = self._gpt2_macs(sequence.tokens_processed)  # this step's share: the growth of the total
+        step_gpt2_macs, sequence.gpt2_macs = gpt2_macs - sequence.gpt2_macs, gpt2_macs
         token = sample_next(logits, sequence.params, sequence.generator)
         sequence.generated.append(token)
         sequence.energy += energy
@@ -463,21 +477,24 @@ class Engine:
         if finish == "length" or token in self.eos_ids:
             delta += sequence.text.flush()  # nothing more is coming: send what was held back
         event = SequenceEvent(text=delta, token_id=token, energy=energy,
-                              pj=energy.picojoules(self.e_ac_pj, self.e_mac_pj), finish_reason=finish)
+                              pj=energy.picojoules(self.e_ac_pj, self.e_mac_pj), finish_reason=finish,
+                              firing_rate_per_layer=firing_rate_per_layer, gpt2_pj=self.e_mac_pj * step_gpt2_macs)
         if finish is not None:
             sequence.finished = True
             event.usage = self._usage(sequence)
         self._emit(sequence, event)
         return sequence.finished
 
-    def _usage(self, sequence) -> RequestUsage:
+    def _gpt2_macs(self, tokens) -> int:
         config = self.config
-        reference = gpt2_reference_counts(config.hidden_size, config.num_hidden_layers, config.vocab_size,
-                                          sequence.tokens_processed, config.intermediate_size)
+        return gpt2_reference_counts(config.hidden_size, config.num_hidden_layers, config.vocab_size, tokens,
+                                     config.intermediate_size)["total"]
+
+    def _usage(self, sequence) -> RequestUsage:
         return RequestUsage(prompt_tokens=len(sequence.prompt_ids), completion_tokens=len(sequence.generated),
                             energy=sequence.energy, tokens_processed=sequence.tokens_processed,
                             pj=sequence.energy.picojoules(self.e_ac_pj, self.e_mac_pj),
-                            gpt2_pj=self.e_mac_pj * reference["total"])
+                            gpt2_pj=self.e_mac_pj * self._gpt2_macs(sequence.tokens_processed))
 
     def _emit(self, sequence, event):
         try:
