@@ -183,6 +183,11 @@ def test_generation_shows_each_token_with_its_energy(server, browser):
     assert float(summary["sum-pj"].get_attribute("data-value")) == usage["energy_pj_per_token"]
     assert float(summary["sum-ratio"].get_attribute("data-value")) == usage["energy_ratio_to_gpt2"]
     assert float(browser.find_element("id", "sum-rate").get_attribute("data-value")) > 0
+    # and every further per-token figure the usage reports (memory traffic, other references) gets a row
+    further = [value for key, value in usage.items() if re.fullmatch(r"energy_(.+)_pj_per_token", key)
+               and key != "energy_gpt2_pj_per_token" and value > 0]
+    rows = browser.find_elements("css selector", "#sum-extra td")
+    assert [float(cell.get_attribute("data-value")) for cell in rows] == further
     # the last token's firing rate by layer, as bars
     bars = browser.find_elements("css selector", "#layers rect.bar")
     last = energies[-1]["firing_rate_per_layer"]

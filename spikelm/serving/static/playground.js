@@ -25,7 +25,14 @@ function joules(x) {  // 4 significant digits in a unit that suits the size
   }
   return `${(x / 1e-12).toPrecision(4)} pJ`;
 }
-const referenceName = (key) => ({gpt2: "same-shape GPT-2"}[key] || key.replace(/_/g, " "));
+// names of usage's further per-token figures (energy_<key>_pj_per_token), where the server reports them
+const FIGURE_NAMES = {gpt2: "same-shape GPT-2", gpt2_int8: "GPT-2 in int8", ann_twin: "ANN twin",
+                      memory: "spikelm memory traffic", total: "spikelm compute + memory"};
+function figureName(key) {
+  if (FIGURE_NAMES[key]) return FIGURE_NAMES[key];
+  const base = key.replace(/_total$/, ""), name = FIGURE_NAMES[base] || base.replace(/_/g, " ");
+  return base !== key ? `${name}, compute + memory` : name;
+}
 
 // ---------------------------------------------------------------- the request
 function requestBody() {
@@ -211,10 +218,10 @@ function renderSummary() {
                 usage.energy_ratio_to_gpt2);
     const extra = $("sum-extra");
     extra.replaceChildren();
-    for (const [key, value] of otherReferences()) {
+    for (const [key, value] of otherFigures()) {
       const row = extra.insertRow();
       const name = document.createElement("th");
-      name.textContent = `${referenceName(key)} per token`;
+      name.textContent = `${figureName(key)} per token`;
       row.appendChild(name);
       const cell = row.insertCell();
       cell.textContent = pj(value);
@@ -231,14 +238,17 @@ function renderSummary() {
   if (tokens.length && seconds > 0) summaryCell("sum-rate", (tokens.length / seconds).toFixed(1), tokens.length / seconds);
 }
 
-// usage's other per-token figures (memory traffic, other references), whatever this server reports
-function otherReferences() {
+// usage's further per-token figures (memory traffic, other references), whatever this server reports
+function otherFigures() {
   if (!usage) return [];
   return Object.entries(usage)
     .map(([key, value]) => [key.match(/^energy_(.+)_pj_per_token$/), value])
-    .filter(([match, value]) => match && match[1] !== "gpt2" && typeof value === "number")
+    .filter(([match, value]) => match && match[1] !== "gpt2" && typeof value === "number" && value > 0)
     .map(([match, value]) => [match[1], value]);
 }
+
+// the ones drawn as lines: other models' compute (GPT-2 itself is drawn token by token from the chunks)
+const chartReferences = () => otherFigures().filter(([key]) => !["memory", "total"].includes(key) && !key.endsWith("_total"));
 
 // ---------------------------------------------------------------- charts (hand-drawn SVG)
 function scheduleDraw() {
@@ -264,7 +274,7 @@ function drawEnergyChart() {
   const svg = $("chart");
   svg.replaceChildren();
   const [W, H, left, right, top, bottom] = [420, 220, 52, 10, 10, 26];
-  const references = otherReferences();
+  const references = chartReferences();
   const values = tokens.flatMap((t) => [t.pj, t.gpt2_pj || 0]).concat(references.map(([, v]) => v))
     .filter((v) => v > 0);
   if (!values.length) {
@@ -297,7 +307,7 @@ function drawEnergyChart() {
   references.forEach(([name, value], r) => {
     const stroke = OTHER_REFERENCE_COLOURS[r % OTHER_REFERENCE_COLOURS.length];
     el(svg, "line", {class: "ref", stroke, x1: left, x2: W - right, y1: y(value), y2: y(value)});
-    key.push([stroke, `${referenceName(name)} (request mean)`]);
+    key.push([stroke, `${figureName(name)} (request mean)`]);
   });
   const own = tokens.map((t, i) => `${x(i)},${y(Math.max(t.pj, 10 ** lo))}`);
   el(svg, "polyline", {class: "series", points: own.join(" ")});
