@@ -19,9 +19,9 @@ holds exactly (24-bit mantissas, well inside 53 bits) whatever the order; norms,
 update work row by row. A sequence then gets the same numbers alone or in a batch of 32
 (tests/test_serving.py checks it).
 
-Energy. `RowEnergyCounter` takes count_energy's hooks but keeps every count per batch row, using the same
-rule functions as spikelm.energy, so a sequence's counts in a batched step equal what count_energy counts for
-that sequence alone (tests/test_serving_engine.py checks it). The prompt is counted in its own forward.
+Energy. spikelm.energy's counter keeps every count per batch row, so a sequence's counts in a batched step
+equal what count_energy counts for that sequence alone (tests/serving/test_engine.py checks it). The prompt is
+counted in its own forward.
 """
 
 import collections
@@ -34,9 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..energy import (E_AC_PJ, E_MAC_PJ, EnergyCounter, _is_binary, _layer_order, count_energy,
-                      gpt2_reference_counts, head_average_ops, neuron_ops, norm_ops, residual_ops, sdsa_ops, ssa_ops,
-                      weight_ops_on_reals, weight_ops_on_spikes)
+from ..energy import E_AC_PJ, E_MAC_PJ, EnergyCounter, EnergyCounts, count_energy, gpt2_reference_counts
 
 logger = logging.getLogger("spikelm.serving")
 
@@ -47,119 +45,6 @@ class EngineBusy(Exception):
 
 class EngineStopped(Exception):
     """The engine is shutting down."""
-
-
-# ================================================================ energy per batch row
-
-
-def _per_row(x):
-    """Non-zeros of each batch row of x [T, B, ...] (batch in dim 1) -> [B] int64."""
-    return torch.count_nonzero(x.transpose(0, 1).reshape(x.shape[1], -1), dim=1)
-
-
-class RowEnergyCounter(EnergyCounter):
-    """count_energy's counters with every count kept per batch row (dim 1 of [T, B, n, ...], dim 0 of logits).
-
-    The arithmetic is spikelm.energy's rule functions, applied to per-row counts instead of batch totals.
-    """
-
-    def start(self, rows: int):
-        self.rows = rows
-        zeros = lambda: torch.zeros(rows, dtype=torch.int64)  # noqa: E731
-        self.row_ac, self.row_mac, self.row_spikes, self.row_neuron_steps = zeros(), zeros(), zeros(), zeros()
-        self.layer_spikes, self.layer_neuron_steps = {}, {}  # layer label -> [B] spikes, neuron-steps per row
-        return self
-
-    def _add(self, ops):
-        ac, mac = ops
-        self.row_ac += ac
-        self.row_mac += mac
-
-    def _rows_of(self, x, dim=1):
-        if x.shape[dim] != self.rows:
-            raise RuntimeError(f"RowEnergyCounter expected {self.rows} rows in dim {dim}, got {tuple(x.shape)}")
-        return x.numel() // self.rows  # elements per row
-
-    def linear(self, module, inputs, output):
-        x = inputs[0]
-        per_row = self._rows_of(x)
-        if _is_binary(x):
-            self._add(weight_ops_on_spikes(module.out_features, _per_row(x)))
-        else:
-            self._add(weight_ops_on_reals(module.out_features, module.in_features, per_row // module.in_features))
-        if module.bias is not None:
-            self._add((output.numel() // self.rows, 0))
-
-    def norm(self, module, inputs, output):
-        kind = "layernorm" if isinstance(module, torch.nn.LayerNorm) else "rmsnorm"
-        width = inputs[0].shape[-1]
-        self._add(norm_ops(kind, width, self._rows_of(inputs[0]) // width))
-
-    def block(self, module, inputs, output):
-        width = inputs[0].shape[-1]
-        self._add(residual_ops(width, 2 * self._rows_of(inputs[0]) // width))
-
-    def __call__(self, neuron, spikes):
-        count = _per_row(spikes)
-        neurons = self._rows_of(spikes) // spikes.shape[0]
-        leak_is_one = neuron.leak_logit is None and neuron.fixed_leak == 1.0
-        self._add(neuron_ops(neurons, spikes.shape[0], count, leak_is_one, neuron.reset))
-        self.row_spikes += count
-        self.row_neuron_steps += spikes.numel() // self.rows
-        layer = self.labels[neuron]
-        self.layer_spikes[layer] = self.layer_spikes.get(layer, 0) + count
-        self.layer_neuron_steps[layer] = self.layer_neuron_steps.get(layer, 0) + spikes.numel() // self.rows
-
-    def attention(self, module, q, k, v, mask, attended):
-        T, B, n, D = q.shape
-        H, d = module.num_heads, module.head_dim
-        self._rows_of(q)
-        if module.kind == "ssa":
-            k_count = k.reshape(T, B, n, H, d).sum(-1).long()
-            v_count = v.reshape(T, B, n, H, d).sum(-1).long()
-            pairs = (k_count * v_count).sum(dim=(0, 2, 3))
-            self._add(ssa_ops(T, H, d, n, pairs, _per_row(q)))
-        else:
-            self._add(sdsa_ops(T, H, D, n, _per_row(k * v)))
-
-    def head_average(self, module, logits):
-        self._add(head_average_ops(logits.shape[-1], self._rows_of(logits, dim=0) // logits.shape[-1]))
-
-    def model(self, module, args, kwargs, output):
-        self.tokens += output.spikes.shape[1] * output.spikes.shape[2]
-
-    def row(self, i) -> "StepEnergy":
-        return StepEnergy(int(self.row_ac[i]), int(self.row_mac[i]), int(self.row_spikes[i]),
-                          int(self.row_neuron_steps[i]))
-
-    def row_firing_rates(self, i) -> dict[str, float]:
-        """Spikes per neuron and time step of row i, by layer ("layers.0", ..., "head"), in layer order."""
-        return {layer: int(self.layer_spikes[layer][i]) / self.layer_neuron_steps[layer]
-                for layer in sorted(self.layer_neuron_steps, key=_layer_order)}
-
-
-@dataclass
-class StepEnergy:
-    """Operation counts of one sequence in one forward pass (or summed over several)."""
-
-    ac: int = 0
-    mac: int = 0
-    spikes: int = 0
-    neuron_steps: int = 0
-
-    def __iadd__(self, other):
-        self.ac += other.ac
-        self.mac += other.mac
-        self.spikes += other.spikes
-        self.neuron_steps += other.neuron_steps
-        return self
-
-    def picojoules(self, e_ac=E_AC_PJ, e_mac=E_MAC_PJ) -> float:
-        return e_ac * self.ac + e_mac * self.mac
-
-    @property
-    def firing_rate(self) -> float:
-        return self.spikes / self.neuron_steps if self.neuron_steps else 0.0
 
 
 # ================================================================ requests, sampling, text
@@ -242,7 +127,7 @@ class TextStream:
 class RequestUsage:
     prompt_tokens: int
     completion_tokens: int
-    energy: StepEnergy  # the whole request: prompt forward + every decode step
+    energy: EnergyCounts  # the whole request: prompt forward + every decode step
     tokens_processed: int  # tokens that went through the model
     pj: float
     gpt2_pj: float  # the same-shape GPT-2 processing the same tokens (with a KV cache)
@@ -255,10 +140,10 @@ class SequenceEvent:
 
     text: str = ""
     token_id: int | None = None
-    energy: StepEnergy | None = None
+    energy: EnergyCounts | None = None
     pj: float = 0.0
     firing_rate_per_layer: dict[str, float] | None = None  # of the forward pass that made the token
-    gpt2_pj: float = 0.0  # the same-shape GPT-2 doing that forward pass (with a KV cache)
+    gpt2_pj: float = 0.0  # the same-shape GPT-2 doing that forward pass's work (with a KV cache)
     finish_reason: str | None = None  # "stop", "length"; None while generating
     usage: RequestUsage | None = None
     error: str | None = None
@@ -278,9 +163,8 @@ class Sequence:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator().manual_seed(seed)
         self.generated: list[int] = []
-        self.energy = StepEnergy()
+        self.energy = EnergyCounts()
         self.tokens_processed = 0
-        self.gpt2_macs = 0  # the same-shape GPT-2's MACs for the tokens processed so far
         self.cancelled = False
         self.finished = False
         self.submitted_at = time.monotonic()
@@ -422,17 +306,16 @@ class Engine:
 
     def _prefill(self, sequence):
         ids = torch.tensor([sequence.prompt_ids], dtype=torch.long)
-        counter = RowEnergyCounter().start(1)
-        with count_energy(self.model, counter):
+        with count_energy(self.model) as counter:
             output = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         sequence.tokens_processed += ids.shape[1]
-        finished = self._accept(sequence, output.logits[0, -1], counter.row(0), counter.row_firing_rates(0))
+        finished = self._accept(sequence, output.logits[0, -1], counter.row(0), counter.row_firing_rate_per_layer(0))
         return None if finished else output.cache
 
     def _decode_step(self):
         batch = self._active
         ids = torch.tensor([[s.generated[-1]] for s in batch], dtype=torch.long)
-        counter = RowEnergyCounter().start(len(batch))
+        counter = EnergyCounter(positions=[s.tokens_processed for s in batch])  # continuing sequences
         with count_energy(self.model, counter):
             output = self.model(input_ids=ids, cache=self._cache, use_cache=True)
         self._cache = output.cache
@@ -441,7 +324,8 @@ class Engine:
         keep = []
         for row, sequence in enumerate(batch):
             sequence.tokens_processed += 1
-            if not self._accept(sequence, output.logits[row, -1], counter.row(row), counter.row_firing_rates(row)):
+            if not self._accept(sequence, output.logits[row, -1], counter.row(row),
+                                counter.row_firing_rate_per_layer(row)):
                 keep.append(row)
         self._keep_rows(keep)
 
@@ -461,10 +345,8 @@ class Engine:
         for layer in self._cache.layers:
             layer.batch_select_indices(index)
 
-    def _accept(self, sequence, logits, energy: StepEnergy, firing_rate_per_layer=None) -> bool:
+    def _accept(self, sequence, logits, energy: EnergyCounts, firing_rate_per_layer=None) -> bool:
         """Sample the next token from logits [V], tell the request; returns True when the sequence is done."""
-        gpt2_macs = self._gpt2_macs(sequence.tokens_processed)  # this step's share: the growth of the total
-        step_gpt2_macs, sequence.gpt2_macs = gpt2_macs - sequence.gpt2_macs, gpt2_macs
         token = sample_next(logits, sequence.params, sequence.generator)
         sequence.generated.append(token)
         sequence.energy += energy
@@ -478,23 +360,24 @@ class Engine:
             delta += sequence.text.flush()  # nothing more is coming: send what was held back
         event = SequenceEvent(text=delta, token_id=token, energy=energy,
                               pj=energy.picojoules(self.e_ac_pj, self.e_mac_pj), finish_reason=finish,
-                              firing_rate_per_layer=firing_rate_per_layer, gpt2_pj=self.e_mac_pj * step_gpt2_macs)
+                              firing_rate_per_layer=firing_rate_per_layer, gpt2_pj=self._gpt2_pj(energy))
         if finish is not None:
             sequence.finished = True
             event.usage = self._usage(sequence)
         self._emit(sequence, event)
         return sequence.finished
 
-    def _gpt2_macs(self, tokens) -> int:
-        config = self.config
-        return gpt2_reference_counts(config.hidden_size, config.num_hidden_layers, config.vocab_size, tokens,
-                                     config.intermediate_size)["total"]
+    def _gpt2_pj(self, energy: EnergyCounts) -> float:
+        """The same-shape GPT-2 doing the work `energy` counts (its MACs are linear in tokens, logits and
+        context, so the shares of a request's forward passes add up to the request's)."""
+        reference = gpt2_reference_counts(self.config, energy.tokens, logits=energy.logits, context=energy.context)
+        return self.e_mac_pj * reference["total"]
 
     def _usage(self, sequence) -> RequestUsage:
         return RequestUsage(prompt_tokens=len(sequence.prompt_ids), completion_tokens=len(sequence.generated),
                             energy=sequence.energy, tokens_processed=sequence.tokens_processed,
                             pj=sequence.energy.picojoules(self.e_ac_pj, self.e_mac_pj),
-                            gpt2_pj=self.e_mac_pj * self._gpt2_macs(sequence.tokens_processed))
+                            gpt2_pj=self._gpt2_pj(sequence.energy))
 
     def _emit(self, sequence, event):
         try:

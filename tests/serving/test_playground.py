@@ -299,11 +299,13 @@ def test_stream_chunks_carry_layer_firing_rates_and_the_gpt2_reference(server, m
         assert list(energy["firing_rate_per_layer"]) == list(expected)
         assert all(0 <= rate <= 1 for rate in energy["firing_rate_per_layer"].values())
 
-    # GPT-2's share of each forward pass: the prompt's, then one token's at each position; they add up to usage
-    config = model.config
-    macs = lambda tokens: gpt2_reference_counts(  # noqa: E731  (an integer count)
-        config.hidden_size, config.num_hidden_layers, config.vocab_size, tokens, config.intermediate_size)["total"]
-    assert energies[0]["gpt2_pj"] == E_MAC_PJ * macs(len(prompt_ids))
-    assert energies[3]["gpt2_pj"] == E_MAC_PJ * (macs(len(prompt_ids) + 3) - macs(len(prompt_ids) + 2))
+    # GPT-2's share of each forward pass: the prompt's (one logit), then one token's at each position; they add
+    # up to the usage's
+    P = len(prompt_ids)
+    gpt2_pj = lambda tokens, context: E_MAC_PJ * gpt2_reference_counts(  # noqa: E731
+        model.config, tokens, logits=1, context=context)["total"]
+    assert energies[0]["gpt2_pj"] == gpt2_pj(P, P * (P + 1) // 2)
+    assert energies[3]["gpt2_pj"] == gpt2_pj(1, P + 3)
+    assert energies[3]["gpt2_pj"] < energies[4]["gpt2_pj"]  # softmax attention's cost grows with the context
     total = sum(e["gpt2_pj"] for e in energies)
     assert total == pytest.approx(usage["energy_gpt2_pj_per_token"] * usage["completion_tokens"], rel=1e-12)
