@@ -60,6 +60,7 @@ def browser():
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage", "--window-size=1280,1000", f"--user-data-dir={profile}"):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the page's console, to catch script errors
     driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
     driver.set_script_timeout(30)
     try:
@@ -150,6 +151,7 @@ def test_page_is_served_without_a_key_and_loads_nothing_from_elsewhere(server):
 def test_generation_shows_each_token_with_its_energy(server, browser):
     settings = {"max-tokens": 48, "temperature": 0.8, "top-p": 0.95, "seed": 1234}
     open_page(browser, server)
+    browser.get_log("browser")  # empties the console log
     fill(browser, mode="completion", prompt=PROMPT, **settings)
     status = generate_and_wait(browser)
 
@@ -203,6 +205,8 @@ def test_generation_shows_each_token_with_its_energy(server, browser):
     for expected in (f"{round(energy['pj']):,} pJ", f"{energy['ac']:,} ACs", f"{energy['mac']:,} MACs",
                      f"firing rate {energy['firing_rate']:.4f}"):
         assert expected in tooltip.text, (expected, tooltip.text)
+    errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+    assert not errors, errors  # no script error, no refused resource (the page's CSP allows only its own files)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     assert browser.save_screenshot(str(ARTIFACTS / "playground.png"))
 
