@@ -11,8 +11,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_serving import ServerProcess  # eval/bench_serving.py: `spikelm serve` in a subprocess
+
 from spikelm.errors import SpikeLMError
-from spikelm.serving.benchmark import ServerProcess
+from spikelm.loading import require_saved_model
 
 
 def chromium(profile, window="1280,1000"):
@@ -44,8 +46,7 @@ def main() -> int:
     parser.add_argument("--hover", type=int, default=12, help="the token whose counts the screenshot shows")
     parser.add_argument("--output", default="docs/playground.png")
     args = parser.parse_args()
-    if not (Path(args.model) / "config.json").exists():
-        raise SpikeLMError(f"{args.model} is not a saved model directory (run the quickstart or pass --model)")
+    require_saved_model(args.model)
     from selenium.webdriver.common.action_chains import ActionChains
 
     profile = tempfile.mkdtemp(prefix="spikelm-chromium-")

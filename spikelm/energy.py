@@ -100,6 +100,15 @@ def sdsa_ops(time_steps: int, heads: int, width: int, tokens: int, coincidences:
     return ac, mac
 
 
+def gate_ops(time_steps: int, heads: int, tokens: int) -> tuple[int, int]:
+    """A gated decay g = sigmoid(W_g s + b), per head and token, beyond W_g's own ACs (a weight matrix fed
+    spikes): summing its T steps (T - 1 ACs), the 1/T of the mean (1 MAC), the bias (1 AC), the sigmoid
+    1 / (1 + exp(-x)) (exp and reciprocal: 2 MACs, + 1: 1 AC). Multiplying the state and the decay sum by g
+    costs what a fixed decay does (ssa_ops, sdsa_ops)."""
+    per = tokens * heads
+    return per * (time_steps - 1 + 1 + 1), per * (1 + 2)
+
+
 def head_average_ops(vocab_size: int, tokens: int) -> tuple[int, int]:
     """Logits are the mean over T: the head's outputs accumulate over the steps (counted as its ACs), then one
     multiplication by 1/T per logit."""
@@ -244,17 +253,8 @@ class EnergyCounter:
         self._add(("neuron_steps", layer, None), spikes[:, 0].numel(), rows)
 
     def attention(self, module, q, k, v, mask, attended):
-        layer = self.labels[module]
-        T, B, n, D = q.shape
-        H, d = module.num_heads, module.head_dim
-        if module.kind == "ssa":
-            k_count = k.reshape(T, B, n, H, d).sum(-1).long()
-            v_count = v.reshape(T, B, n, H, d).sum(-1).long()
-            pairs = (k_count * v_count).sum(dim=(0, 2, 3))
-            ops = ssa_ops(T, H, d, n, pairs, _nonzeros_per_row(q))
-        else:
-            ops = sdsa_ops(T, H, D, n, _nonzeros_per_row(k * v))
-        self.add(layer, "attention", ops, B)
+        ac, mac = module.count_ops(q, k, v)  # per batch row, by its kind's rule (ssa_ops or sdsa_ops, gate_ops)
+        self.add(self.labels[module], "attention", (ac, mac), q.shape[1])
 
     def head_average(self, module, logits):  # logits [B, n, V]
         rows, kept, vocab = logits.shape

@@ -177,18 +177,6 @@ class Sequence:
 # ================================================================ the engine
 
 
-def _concat_caches(batch, new):
-    """Append the rows of cache `new` to cache `batch` (in place); returns the batched cache."""
-    if batch is None:
-        return new
-    for layer, extra in zip(batch.layers, new.layers):
-        layer.attention_state = torch.cat([layer.attention_state, extra.attention_state], dim=1)
-        layer.previous_spikes = torch.cat([layer.previous_spikes, extra.previous_spikes], dim=1)
-        layer.decay_sum = torch.cat([layer.decay_sum, extra.decay_sum], dim=0)
-    batch.seen_tokens = max(batch.seen_tokens, new.seen_tokens)  # > 0 selects the recurrent form
-    return batch
-
-
 class Engine:
     """Runs a model for many concurrent requests; one background thread does all the model work."""
 
@@ -301,7 +289,7 @@ class Engine:
                 self._emit(sequence, SequenceEvent(error=f"generation failed: {error}", finish_reason="error"))
                 continue
             if cache is not None:
-                self._cache = _concat_caches(self._cache, cache)
+                self._cache = cache if self._cache is None else self._cache.append_rows(cache)
                 self._active.append(sequence)
 
     def _prefill(self, sequence):
@@ -341,9 +329,7 @@ class Engine:
         if not keep:
             self._cache = None
             return
-        index = torch.tensor(keep, dtype=torch.long)
-        for layer in self._cache.layers:
-            layer.batch_select_indices(index)
+        self._cache.select_rows(torch.tensor(keep, dtype=torch.long))
 
     def _accept(self, sequence, logits, energy: EnergyCounts, firing_rate_per_layer=None) -> bool:
         """Sample the next token from logits [V], tell the request; returns True when the sequence is done."""

@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serving_helpers import running_server, save_tiny_model
+from helpers import save_tiny_model
+from serving_helpers import running_server
 
 pytestmark = pytest.mark.timeout(300)
 
