@@ -315,6 +315,12 @@ class EnergyCounter:
             return sum(int(v[i]) for k, v in self.counts.items() if k[0] == quantity and i < len(v))
         return EnergyCounts(**{name: total(name) for name in EnergyCounts.__dataclass_fields__})
 
+    def row_firing_rate_per_layer(self, i) -> dict[str, float]:
+        """Spikes per neuron and time step of batch row i, by layer ("layers.0", ..., "head"), in layer order."""
+        spikes, steps = ({k[1]: int(v[i]) for k, v in self.counts.items() if k[0] == quantity and i < len(v)}
+                         for quantity in ("spikes", "neuron_steps"))
+        return {layer: spikes[layer] / steps[layer] for layer in sorted(steps, key=_layer_order) if steps[layer]}
+
     def total(self) -> EnergyCounts:
         counts = EnergyCounts()
         for i in range(self.rows):

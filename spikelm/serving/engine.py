@@ -142,6 +142,8 @@ class SequenceEvent:
     token_id: int | None = None
     energy: EnergyCounts | None = None
     pj: float = 0.0
+    firing_rate_per_layer: dict[str, float] | None = None  # of the forward pass that made the token
+    gpt2_pj: float = 0.0  # the same-shape GPT-2 doing that forward pass's work (with a KV cache)
     finish_reason: str | None = None  # "stop", "length"; None while generating
     usage: RequestUsage | None = None
     error: str | None = None
@@ -295,7 +297,7 @@ class Engine:
         with count_energy(self.model) as counter:
             output = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         sequence.tokens_processed += ids.shape[1]
-        finished = self._accept(sequence, output.logits[0, -1], counter.row(0))
+        finished = self._accept(sequence, output.logits[0, -1], counter.row(0), counter.row_firing_rate_per_layer(0))
         return None if finished else output.cache
 
     def _decode_step(self):
@@ -310,7 +312,8 @@ class Engine:
         keep = []
         for row, sequence in enumerate(batch):
             sequence.tokens_processed += 1
-            if not self._accept(sequence, output.logits[row, -1], counter.row(row)):
+            if not self._accept(sequence, output.logits[row, -1], counter.row(row),
+                                counter.row_firing_rate_per_layer(row)):
                 keep.append(row)
         self._keep_rows(keep)
 
@@ -328,7 +331,7 @@ class Engine:
             return
         self._cache.select_rows(torch.tensor(keep, dtype=torch.long))
 
-    def _accept(self, sequence, logits, energy: EnergyCounts) -> bool:
+    def _accept(self, sequence, logits, energy: EnergyCounts, firing_rate_per_layer=None) -> bool:
         """Sample the next token from logits [V], tell the request; returns True when the sequence is done."""
         token = sample_next(logits, sequence.params, sequence.generator)
         sequence.generated.append(token)
@@ -342,20 +345,25 @@ class Engine:
         if finish == "length" or token in self.eos_ids:
             delta += sequence.text.flush()  # nothing more is coming: send what was held back
         event = SequenceEvent(text=delta, token_id=token, energy=energy,
-                              pj=energy.picojoules(self.e_ac_pj, self.e_mac_pj), finish_reason=finish)
+                              pj=energy.picojoules(self.e_ac_pj, self.e_mac_pj), finish_reason=finish,
+                              firing_rate_per_layer=firing_rate_per_layer, gpt2_pj=self._gpt2_pj(energy))
         if finish is not None:
             sequence.finished = True
             event.usage = self._usage(sequence)
         self._emit(sequence, event)
         return sequence.finished
 
-    def _usage(self, sequence) -> RequestUsage:
-        energy = sequence.energy
+    def _gpt2_pj(self, energy: EnergyCounts) -> float:
+        """The same-shape GPT-2 doing the work `energy` counts (its MACs are linear in tokens, logits and
+        context, so the shares of a request's forward passes add up to the request's)."""
         reference = gpt2_reference_counts(self.config, energy.tokens, logits=energy.logits, context=energy.context)
+        return self.e_mac_pj * reference["total"]
+
+    def _usage(self, sequence) -> RequestUsage:
         return RequestUsage(prompt_tokens=len(sequence.prompt_ids), completion_tokens=len(sequence.generated),
                             energy=sequence.energy, tokens_processed=sequence.tokens_processed,
                             pj=sequence.energy.picojoules(self.e_ac_pj, self.e_mac_pj),
-                            gpt2_pj=self.e_mac_pj * reference["total"])
+                            gpt2_pj=self._gpt2_pj(sequence.energy))
 
     def _emit(self, sequence, event):
         try:
