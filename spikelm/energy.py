@@ -129,6 +129,14 @@ def _is_binary(x):
     return not bool(((x != 0) & (x != 1)).any())
 
 
+def is_fed_spikes(module, x):
+    """Whether a weight matrix's input is spikes (0 or 1), or, for the LM head (`fed_spike_counts`), the
+    per-token count of its input spikes (whole numbers): either way each spike adds one column (ACs)."""
+    if getattr(module, "fed_spike_counts", False):
+        return bool((x >= 0).all()) and bool((x == torch.round(x)).all())
+    return _is_binary(x)
+
+
 class EnergyCounter:
     """Collects exact operation counts per (layer, kind), spikes and neuron-steps per layer, and tokens."""
 
@@ -153,8 +161,8 @@ class EnergyCounter:
     # --- called by hooks and by the modules' `counter` attribute
     def linear(self, module, inputs, output):
         x = inputs[0]
-        if _is_binary(x):
-            ops = weight_ops_on_spikes(module.out_features, int(torch.count_nonzero(x)))
+        if is_fed_spikes(module, x):  # int(x.sum()): the spikes (or, fed counts, the spikes they count)
+            ops = weight_ops_on_spikes(module.out_features, int(x.sum(dtype=torch.float64)))
         else:
             ops = weight_ops_on_reals(module.out_features, module.in_features, x.numel() // module.in_features)
         self.add(self.labels[module], "weights", ops)

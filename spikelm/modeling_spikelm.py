@@ -10,7 +10,7 @@ RetNet's decayed linear attention (Sun et al. 2023):
     x = embedding(tokens), the same input current at each of the T steps
     x = x + Attn(SN(norm(x)))                   membrane shortcut: x stays real
     x = x + W2 . SN(W1 . SN(norm(x)))
-    logits = mean over t of W_head . SN(norm(x))[t]
+    logits = mean over t of W_head . SN(norm(x))[t] = W_head . (sum over t of SN(norm(x))[t]) / T
 
 Every weight matrix receives spikes (exactly 0 or 1). Attention is softmax-free
 and causal; its parallel form trains, its recurrent form generates with a
@@ -487,6 +487,7 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = SpikeLMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head.fed_spike_counts = config.neuron_type != "qcfs"  # for the energy count (see forward)
         self.counter = None  # set by spikelm.energy while counting
         self.post_init()
 
@@ -505,12 +506,11 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
         spikes = outputs.spikes
         if logits_to_keep:
             spikes = spikes[:, :, -logits_to_keep:]
-        # [B, N, V]: the mean over the T steps of the head fed each step's spikes, accumulated step by step so
-        # that a long prompt never holds T copies of its logits
-        logits = self.lm_head(spikes[:1])[0]
-        for t in range(1, spikes.shape[0]):
-            logits = logits + self.lm_head(spikes[t:t + 1])[0]
-        logits = logits / spikes.shape[0]
+        # [B, N, V]: the mean over the T steps of the head fed each step's spikes. The head is linear, so
+        # mean_t W s_t = W (sum_t s_t) / T: one matmul on the per-token spike counts (whole numbers 0..T, kept
+        # time-first as [1, B, N, D]) instead of T; each spike still adds one column of W (the same ACs)
+        counts = spikes.sum(0, keepdim=True)
+        logits = self.lm_head(counts)[0] / spikes.shape[0]
         if self.counter is not None:
             self.counter.head_average(self, logits)
         loss = None

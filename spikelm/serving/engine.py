@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..energy import (E_AC_PJ, E_MAC_PJ, EnergyCounter, _is_binary, count_energy, gpt2_reference_counts,
-                      head_average_ops, neuron_ops, norm_ops, residual_ops, sdsa_ops, ssa_ops,
+from ..energy import (E_AC_PJ, E_MAC_PJ, EnergyCounter, count_energy, gpt2_reference_counts,
+                      head_average_ops, is_fed_spikes, neuron_ops, norm_ops, residual_ops, sdsa_ops, ssa_ops,
                       weight_ops_on_reals, weight_ops_on_spikes)
 
 logger = logging.getLogger("spikelm.serving")
@@ -82,8 +82,9 @@ class RowEnergyCounter(EnergyCounter):
     def linear(self, module, inputs, output):
         x = inputs[0]
         per_row = self._rows_of(x)
-        if _is_binary(x):
-            self._add(weight_ops_on_spikes(module.out_features, _per_row(x)))
+        if is_fed_spikes(module, x):  # spikes, or the head's spike counts: their sum per row
+            self._add(weight_ops_on_spikes(module.out_features, x.transpose(0, 1).reshape(self.rows, -1)
+                                           .sum(1, dtype=torch.float64).long()))
         else:
             self._add(weight_ops_on_reals(module.out_features, module.in_features, per_row // module.in_features))
         if module.bias is not None:
