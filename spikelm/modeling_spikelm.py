@@ -31,6 +31,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import PreTrainedModel
 
 from .configuration_spikelm import SpikeLMConfig
+from .event_driven import SpikeLinear
 from .neurons import QCFSActivation, SpikingNeuron
 
 # The parallel form runs over chunks of this many tokens, carrying the recurrent
@@ -243,15 +244,15 @@ class SpikeLMAttention(nn.Module):
         if isinstance(scale, list):
             scale = scale[layer_idx]
         self.scale = scale or (64.0 / self.head_dim if self.kind == "ssa" else 1.0)
-        self.q_proj = nn.Linear(D, D, bias=False)
+        self.q_proj = SpikeLinear(D, D)
         # K and V read the current token's spikes and, with token shift, the previous token's (a width-2 causal
         # convolution on spikes): [s_i ; s_{i-1}] -> [k ; v]
-        self.kv_proj = nn.Linear(2 * D if self.token_shift else D, 2 * D, bias=False)
+        self.kv_proj = SpikeLinear(2 * D if self.token_shift else D, 2 * D)
         self.q_neuron = make_neuron(config)
         self.k_neuron = make_neuron(config)
         self.v_neuron = make_neuron(config)
         self.readout_neuron = make_neuron(config)  # ssa: spikes from a; sdsa: thresholds the running mean
-        self.o_proj = nn.Linear(D, D, bias=False)
+        self.o_proj = SpikeLinear(D, D)
         self.fixed_decay = [float(g) for g in config.attention_decay]  # plain numbers unless learned
         if config.learn_decay:
             # gamma = sigmoid(w) keeps each decay in (0, 1)
@@ -331,9 +332,9 @@ class SpikeLMMLP(nn.Module):
 
     def __init__(self, config: SpikeLMConfig):
         super().__init__()
-        self.fc_in = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.fc_in = SpikeLinear(config.hidden_size, config.intermediate_size)
         self.hidden_neuron = make_neuron(config)
-        self.fc_out = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.fc_out = SpikeLinear(config.intermediate_size, config.hidden_size)
 
     def forward(self, spikes):
         return self.fc_out(self.hidden_neuron(self.fc_in(spikes)))
@@ -486,7 +487,7 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
     def __init__(self, config: SpikeLMConfig):
         super().__init__(config)
         self.model = SpikeLMModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = SpikeLinear(config.hidden_size, config.vocab_size, counts=True)
         self.lm_head.fed_spike_counts = config.neuron_type != "qcfs"  # for the energy count (see forward)
         self.counter = None  # set by spikelm.energy while counting
         self.post_init()

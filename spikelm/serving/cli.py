@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser):
                         help="for chat requests that name none")
     parser.add_argument("--max-body-bytes", type=int, default=d("max_body_bytes"))
     parser.add_argument("--dtype", choices=["float64", "float32"], default=d("dtype"),
-                        help="float64 (default) keeps each sequence's output independent of the batch")
+                        help="float32 (default) or float64; both keep each sequence's output independent of the batch")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the engine")
     parser.add_argument("--log-level", default="info")
 
