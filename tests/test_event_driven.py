@@ -95,3 +95,22 @@ def test_batch_invariant_float32_a_row_alone_equals_it_in_a_batch_of_32():
             alone_step = model(ids[row:row + 1, :1], cache=alone.cache, use_cache=True).logits
             assert torch.equal(alone.logits[0], batch.logits[row])
             assert torch.equal(alone_step[0], batch_step[row])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_event_driven_and_compiled_neurons_equal_the_cpu():
+    from spikelm import neurons
+
+    torch.manual_seed(0)
+    model = SpikeLMForCausalLM(tiny_config("ssa", hidden_size=64, intermediate_size=128)).double().eval()
+    ids = torch.randint(0, 48, (1, 10))
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        model = model.cuda()
+        event_driven.set_batch_invariant(model, True)  # every matrix through the gather-sum on the GPU
+        neurons.enable_compiled_kernels(True)
+        try:
+            got = model.generate(ids.cuda(), max_new_tokens=8, do_sample=False, pad_token_id=0)
+        finally:
+            neurons.enable_compiled_kernels(False)
+    assert torch.equal(got.cpu(), expected)  # float64: the same sums whatever the device and order
