@@ -198,7 +198,7 @@ def generate_decode_s(model, prompt, settings):
                             pad_token_id=0, logits_processor=LogitsProcessorList([clock]),
                             return_dict_in_generate=True)
     steps = [b - a for a, b in zip(clock.times, clock.times[1:])][settings["warmup"]:]
-    return statistics.median(steps), output.cache
+    return statistics.median(steps), output
 
 
 def inference_speed(model, context, settings):
@@ -216,7 +216,8 @@ def inference_speed(model, context, settings):
 
     with torch.no_grad():
         prefill_s = median_time(prefill, settings["repeats"], settings["warmup"])
-        decode_s, cache = generate_decode_s(model, prompt, settings)  # the state after warmup + decode tokens
+        decode_s, output = generate_decode_s(model, prompt, settings)
+        cache = output.cache  # the state after warmup + decode tokens
     return {"context": context, "prefill_tokens_per_s": context / prefill_s, "prefill_s": prefill_s,
             "decode_tokens_per_s": 1.0 / decode_s, "decode_ms_per_token": 1000.0 * decode_s,
             "state_bytes": state_bytes(cache)}
@@ -246,10 +247,9 @@ def event_driven_speed(settings, log=print):
     with torch.no_grad():
         for name, enabled in (("dense", False), ("event_driven", True), ("dense_again", False)):
             set_event_driven(model, enabled)
-            result[f"{name}_decode_tokens_per_s"] = 1.0 / generate_decode_s(model, prompt, settings)[0]
-            tokens = model.generate(prompt, max_new_tokens=settings["decode_tokens"], do_sample=False,
-                                    pad_token_id=0)
-            result[f"{name}_tokens"] = tokens[0, context:].tolist()
+            seconds, output = generate_decode_s(model, prompt, settings)
+            result[f"{name}_decode_tokens_per_s"] = 1.0 / seconds
+            result[f"{name}_tokens"] = output.sequences[0, context:].tolist()
     set_event_driven(model, True)
     result["same_tokens"] = result["dense_tokens"] == result["event_driven_tokens"]
     result["firing_rate"] = energy_report(model, prompt.cpu() if device == "cpu" else prompt)["firing_rate"]
