@@ -17,8 +17,8 @@ server uses to run float32 with a sequence's numbers the same alone or in a batc
 
 When it pays: `EVENT_DRIVEN_MAX_RATE` is the firing rate below which the gather-sum beat the dense matmul in
 `spikelm bench`'s crossover measurement (`event_driven.crossover`, one thread, T=4, batch 1, fp32, shapes
-256x1024 to 4096x1024: about 2-6x faster at 5-10% firing, even near 15-20%, slower above); `EVENT_DRIVEN_MAX_ROWS`
-keeps it to small batches. Training (autograd on) always takes the dense matmul.
+256x1024 to 4096x1024: 1.8x to 17x faster at 5% firing, 1.3x to 4.6x at 10%, mostly slower from 15%);
+`EVENT_DRIVEN_MAX_ROWS` keeps it to small batches. Training (autograd on) always takes the dense matmul.
 """
 
 import time
@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-EVENT_DRIVEN_MAX_RATE = 0.15  # spikes / inputs below which the gather-sum is used (see `crossover`)
+# spikes / inputs up to which the gather-sum is used: in `spikelm bench --threads 1` (2026-12-02, busy 2-core VM)
+# it was faster than dense at 10% firing in every shape (1.3x to 4.6x), slower at 15% in three of four
+EVENT_DRIVEN_MAX_RATE = 0.12
 EVENT_DRIVEN_MAX_ROWS = 256  # input vectors per call (T * batch * tokens) up to which it is considered
 
 
