@@ -61,7 +61,7 @@ def run(args) -> int:
         print(json.dumps({"text": text, "energy": {k: v for k, v in report.items() if k != "rows"}}))
         return 0
     print(text)
-    print(f"\nenergy: {report['pj_per_token']:.0f} pJ/token ({report['ac_per_token']:.0f} ACs + "
-          f"{report['mac_per_token']:.0f} MACs per token, firing rate {report['firing_rate']:.3f}); "
-          f"same-shape GPT-2: {report['ann_pj_per_token']:.0f} pJ/token (x{report['energy_ratio']:.2f})")
+    from .reporting import energy_summary_lines
+
+    print("\n" + energy_summary_lines(report))
     return 0

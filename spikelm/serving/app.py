@@ -290,11 +290,21 @@ def create_app(settings: ServeSettings) -> FastAPI:
 def energy_usage(usage) -> dict:
     """The request's energy figures, per generated token (see schemas.EnergyUsage)."""
     tokens = max(usage.completion_tokens, 1)
+    mine, refs = usage.summary["spikelm"], usage.summary["references"]
     return dict(energy_joules=usage.pj * 1e-12, energy_pj_per_token=usage.pj / tokens,
                 energy_ac_per_token=usage.energy.ac / tokens, energy_mac_per_token=usage.energy.mac / tokens,
                 energy_firing_rate=usage.energy.firing_rate, energy_gpt2_pj_per_token=usage.gpt2_pj / tokens,
                 energy_ratio_to_gpt2=usage.pj / usage.gpt2_pj if usage.gpt2_pj else 0.0,
-                energy_tokens_processed=usage.tokens_processed)
+                energy_tokens_processed=usage.tokens_processed,
+                energy_memory_pj_per_token=mine["memory_pj"], energy_total_pj_per_token=mine["total_pj"],
+                energy_weight_reads_per_token=mine["weight_reads"],
+                energy_gpt2_mac_per_token=refs["gpt2_fp32"]["mac"],
+                energy_gpt2_total_pj_per_token=refs["gpt2_fp32"]["total_pj"],
+                energy_gpt2_int8_pj_per_token=refs["gpt2_int8"]["compute_pj"],
+                energy_gpt2_int8_total_pj_per_token=refs["gpt2_int8"]["total_pj"],
+                energy_ann_twin_ac_per_token=refs["ann_twin"]["ac"], energy_ann_twin_mac_per_token=refs["ann_twin"]["mac"],
+                energy_ann_twin_pj_per_token=refs["ann_twin"]["compute_pj"],
+                energy_ann_twin_total_pj_per_token=refs["ann_twin"]["total_pj"])
 
 
 def make_usage(usage) -> schemas.Usage:

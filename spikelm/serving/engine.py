@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..energy import E_AC_PJ, E_MAC_PJ, EnergyCounter, EnergyCounts, count_energy, gpt2_reference_counts
+from ..energy import E_AC_PJ, E_MAC_PJ, EnergyCounter, EnergyCounts, Prices, count_energy, summarise
 
 logger = logging.getLogger("spikelm.serving")
 
@@ -131,6 +131,7 @@ class RequestUsage:
     tokens_processed: int  # tokens that went through the model
     pj: float
     gpt2_pj: float  # the same-shape GPT-2 processing the same tokens (with a KV cache)
+    summary: dict  # spikelm.energy.summarise per generated token: memory traffic, totals, every reference
 
 
 @dataclass
@@ -364,12 +365,12 @@ class Engine:
         return sequence.finished
 
     def _usage(self, sequence) -> RequestUsage:
-        energy = sequence.energy
-        reference = gpt2_reference_counts(self.config, energy.tokens, logits=energy.logits, context=energy.context)
+        per = max(len(sequence.generated), 1)  # per generated token
+        summary = summarise(sequence.energy, self.config, Prices(e_ac=self.e_ac_pj, e_mac=self.e_mac_pj), per)
         return RequestUsage(prompt_tokens=len(sequence.prompt_ids), completion_tokens=len(sequence.generated),
                             energy=sequence.energy, tokens_processed=sequence.tokens_processed,
                             pj=sequence.energy.picojoules(self.e_ac_pj, self.e_mac_pj),
-                            gpt2_pj=self.e_mac_pj * reference["total"])
+                            gpt2_pj=summary["references"]["gpt2_fp32"]["compute_pj"] * per, summary=summary)
 
     def _emit(self, sequence, event):
         try:

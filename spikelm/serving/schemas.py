@@ -167,6 +167,19 @@ class EnergyUsage(BaseModel):
     energy_gpt2_pj_per_token: float  # the same-shape GPT-2, same tokens, same denominator
     energy_ratio_to_gpt2: float
     energy_tokens_processed: int  # prompt tokens + generated tokens fed back into the model
+    # memory traffic (spikelm.energy's rules, SRAM prices) and operation + memory totals, per generated token;
+    # the references: GPT-2 at fp32 and int8, the ANN twin; each with its operation counts
+    energy_memory_pj_per_token: float = 0.0
+    energy_total_pj_per_token: float = 0.0
+    energy_weight_reads_per_token: float = 0.0
+    energy_gpt2_mac_per_token: float = 0.0
+    energy_gpt2_total_pj_per_token: float = 0.0
+    energy_gpt2_int8_pj_per_token: float = 0.0
+    energy_gpt2_int8_total_pj_per_token: float = 0.0
+    energy_ann_twin_ac_per_token: float = 0.0
+    energy_ann_twin_mac_per_token: float = 0.0
+    energy_ann_twin_pj_per_token: float = 0.0
+    energy_ann_twin_total_pj_per_token: float = 0.0
 
 
 class Usage(EnergyUsage):

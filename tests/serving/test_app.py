@@ -14,7 +14,11 @@ from serving_helpers import metric, running_server, save_tiny_model, stream_comp
 pytestmark = pytest.mark.timeout(180)
 
 ENERGY_KEYS = ("energy_joules", "energy_pj_per_token", "energy_ac_per_token", "energy_mac_per_token",
-               "energy_firing_rate", "energy_gpt2_pj_per_token")
+               "energy_firing_rate", "energy_gpt2_pj_per_token", "energy_memory_pj_per_token",
+               "energy_total_pj_per_token", "energy_weight_reads_per_token", "energy_gpt2_mac_per_token",
+               "energy_gpt2_total_pj_per_token", "energy_gpt2_int8_pj_per_token", "energy_gpt2_int8_total_pj_per_token",
+               "energy_ann_twin_ac_per_token", "energy_ann_twin_mac_per_token", "energy_ann_twin_pj_per_token",
+               "energy_ann_twin_total_pj_per_token")
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +56,9 @@ def test_openai_completion_carries_text_and_energy(client):
     for key in ENERGY_KEYS:
         assert energy[key] > 0, key
     assert energy["energy_joules"] == pytest.approx(energy["energy_pj_per_token"] * usage.completion_tokens * 1e-12)
+    assert energy["energy_total_pj_per_token"] == pytest.approx(energy["energy_pj_per_token"]
+                                                                + energy["energy_memory_pj_per_token"])
+    assert energy["energy_gpt2_int8_pj_per_token"] < energy["energy_gpt2_pj_per_token"]  # int8 prices
     # the spiking model should be cheaper than the same-shape GPT-2 doing the same work
     assert 0 < energy["energy_ratio_to_gpt2"] < 5
 
