@@ -20,20 +20,20 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from spikelm import energy_report
+from spikelm.presets import preset
 from spikelm.spike_rate import SpikeRateRegulariser
-from spikelm.training import add_arguments as training_arguments
-from spikelm.training import train
+from spikelm.training import TrainingOptions, build_config, gpt2_config, prepare_data, train
 
 
-def _train(output, arch, preset, steps, tokenizer, regulariser=None, extra=()):
-    """One run of the library's training pipeline; -> (trainer, its held-out metrics)."""
-    parser = argparse.ArgumentParser()
-    training_arguments(parser)
-    argv = ["--output", str(output), "--preset", preset, "--arch", arch, "--max-steps", str(steps),
-            "--eval-steps", str(steps), "--save-steps", str(steps), "--logging-steps", str(max(steps // 10, 1)),
-            *(["--tokenizer", str(tokenizer)] if tokenizer else []), *extra]
-    trainer = train(parser.parse_args(argv), callbacks=[regulariser] if regulariser else ())
-    return trainer, json.loads((Path(output) / "results.json").read_text())
+def _train(output, arch, preset_name, steps, tokenizer, regulariser=None):
+    """One run of the library's training pipeline; -> (the data it read, its held-out metrics)."""
+    options = TrainingOptions(output=str(output), max_steps=steps, eval_steps=steps, save_steps=steps,
+                              logging_steps=max(steps // 10, 1))
+    data = prepare_data(options, tokenizer=tokenizer, vocab_size=preset(preset_name)["vocab_size"])
+    config = (gpt2_config(preset_name, data.tokenizer, options.block_size) if arch == "gpt2"
+              else build_config(preset_name, data.tokenizer))
+    train(config, data, options, callbacks=[regulariser] if regulariser else ())
+    return data, json.loads((Path(output) / "results.json").read_text())
 
 
 def _energy(model, blocks, count):
@@ -104,16 +104,16 @@ def main(argv=None):
     started = time.time()
 
     # GPT-2 first: it trains the shared tokenizer
-    trainer, metrics = _train(output / "gpt2", "gpt2", args.preset, args.steps, None)
+    data, metrics = _train(output / "gpt2", "gpt2", args.preset, args.steps, None)
     tokenizer = output / "gpt2"
-    blocks = trainer.blocks
+    blocks = data.blocks
     points = []
     spikelm_report = None
     for target in args.targets.split(","):
         value = None if target == "none" else float(target)
         regulariser = SpikeRateRegulariser(value, args.weight) if value else None
-        trainer, run_metrics = _train(output / f"spikelm-{target}", "spikelm", args.preset, args.steps, tokenizer,
-                                      regulariser)
+        _, run_metrics = _train(output / f"spikelm-{target}", "spikelm", args.preset, args.steps, tokenizer,
+                                regulariser)
         model = AutoModelForCausalLM.from_pretrained(output / f"spikelm-{target}")
         report = _energy(model, blocks, args.energy_blocks)
         spikelm_report = spikelm_report or report

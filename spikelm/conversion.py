@@ -117,55 +117,40 @@ def is_spike_driven(model, input_ids) -> bool:
     return all(binary)
 
 
-# ================================================================ the `spikelm convert` command
+# ================================================================ training a twin and converting it
 
 TWIN_DIR = "ann-twin"
 
 
-def add_arguments(parser):
-    from .training import add_arguments as add_training_arguments
-
-    add_training_arguments(parser)
-    parser.add_argument("--levels", type=int, default=None,
-                        help="QCFS levels = the converted model's time steps (default: the preset's T)")
-
-
-def run(args) -> int:
+def train_and_convert(config: SpikeLMConfig, data, options, levels: int | None = None) -> dict:
+    """Train the ANN twin of `config` (spikelm.training.train, in options.output/ann-twin), convert it, and
+    evaluate both on the same held-out blocks. The converted model and its tokenizer are saved in
+    options.output with conversion.json (this report: both bits per byte and the gap)."""
+    import dataclasses
     import json
     from pathlib import Path
 
-    from .training import SpikeLMTrainer, _build_model, train
+    from .training import SpikeLMTrainer, train
 
-    if args.model:
-        raise SpikeLMError("convert trains its own ANN twin from a preset; to fine-tune a converted model, use "
-                           "`spikelm distill --model CONVERTED --teacher CONVERTED/ann-twin`")
-    if args.arch != "spikelm":
-        raise SpikeLMError("convert makes a spikelm model: drop --arch")
-    output = Path(args.output)
-    args.output = str(output / TWIN_DIR)  # the twin trains like any model, in a folder of its own
-
-    def build_twin(args, settings, tokenizer):
-        spiking = _build_model(args, dict(settings), tokenizer)  # the spiking model the twin stands in for
-        return SpikeLMForCausalLM(ann_twin_config(spiking.config, args.levels))
-
-    trainer = train(args, build_model=build_twin)
+    output = Path(options.output)
+    twin_options = dataclasses.replace(options, output=str(output / TWIN_DIR))  # the twin trains in a folder of its own
+    trainer = train(ann_twin_config(config, levels), data, twin_options)
     twin_metrics = trainer.evaluate()
     snn = convert_to_snn(trainer.model)
-    converted = SpikeLMTrainer(model=snn, args=trainer.args, eval_dataset=trainer.blocks.held_out,
-                               processing_class=trainer.processing_class,
-                               held_out_tokens=trainer.blocks.held_out_tokens,
-                               held_out_bytes=trainer.blocks.held_out_bytes)
+    converted = SpikeLMTrainer(model=snn, args=trainer.args, eval_dataset=data.blocks.held_out,
+                               processing_class=data.tokenizer, held_out_tokens=data.blocks.held_out_tokens,
+                               held_out_bytes=data.blocks.held_out_bytes)
     snn_metrics = converted.evaluate()
+    report = {"twin_bits_per_byte": twin_metrics["eval_bits_per_byte"],
+              "converted_bits_per_byte": snn_metrics["eval_bits_per_byte"],
+              "gap_bits_per_byte": snn_metrics["eval_bits_per_byte"] - twin_metrics["eval_bits_per_byte"],
+              "time_steps": snn.config.time_steps, "twin": str(output / TWIN_DIR)}
     if trainer.is_world_process_zero():
         snn.save_pretrained(output)
-        trainer.processing_class.save_pretrained(output)
-        report = {"twin_bits_per_byte": twin_metrics["eval_bits_per_byte"],
-                  "converted_bits_per_byte": snn_metrics["eval_bits_per_byte"],
-                  "gap_bits_per_byte": snn_metrics["eval_bits_per_byte"] - twin_metrics["eval_bits_per_byte"],
-                  "time_steps": snn.config.time_steps, "twin": str(output / TWIN_DIR)}
+        data.tokenizer.save_pretrained(output)
         (output / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
         print(f"ANN twin: {report['twin_bits_per_byte']:.3f} bits per byte; converted to T={snn.config.time_steps} "
               f"IF neurons: {report['converted_bits_per_byte']:.3f} (gap {report['gap_bits_per_byte']:+.3f}); "
               f"saved to {output}. Close the gap with: spikelm distill --model {output} "
               f"--teacher {output / TWIN_DIR} --output ...")
-    return 0
+    return report

@@ -20,6 +20,7 @@ import torch
 from transformers import TrainerCallback
 
 from .energy import _layer_label
+from .errors import SpikeLMError
 from .modeling_spikelm import SpikeLMForCausalLM
 from .neurons import SpikingNeuron
 
@@ -31,9 +32,9 @@ class SpikeRateRegulariser(TrainerCallback):
 
     def __init__(self, target: float, weight: float = 1.0, populations: list[str] | None = None):
         if not 0.0 < target < 1.0:
-            raise ValueError(f"spike rate target must be a firing rate between 0 and 1 (got {target})")
+            raise SpikeLMError(f"spike rate target must be a firing rate between 0 and 1 (got {target})")
         if weight <= 0:
-            raise ValueError(f"spike rate weight must be positive (got {weight})")
+            raise SpikeLMError(f"spike rate weight must be positive (got {weight})")
         self.target, self.weight = float(target), float(weight)
         self.populations = list(populations) if populations else None
         self._handles = []
@@ -57,7 +58,7 @@ class SpikeRateRegulariser(TrainerCallback):
             elif isinstance(module, SpikeLMForCausalLM):
                 self._handles.append(module.register_forward_hook(self._add_penalty))
         if chosen == 0:
-            raise ValueError(f"no spiking neuron population matches {self.populations}: name a part of a neuron "
+            raise SpikeLMError(f"no spiking neuron population matches {self.populations}: name a part of a neuron "
                              "module's name, e.g. 'mlp.hidden_neuron' or 'attention.'")
         return self
 

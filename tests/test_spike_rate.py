@@ -6,6 +6,7 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from conftest import tiny_config
 from spikelm import SpikeLMForCausalLM
+from spikelm.errors import SpikeLMError
 from spikelm.neurons import SpikingNeuron
 from spikelm.spike_rate import SpikeRateRegulariser
 
@@ -82,7 +83,24 @@ def test_it_logs_each_layers_firing_rate_and_the_penalty(tmp_path):
 
 
 def test_bad_settings_say_what_is_wrong():
-    with pytest.raises(ValueError, match="between 0 and 1"):
+    with pytest.raises(SpikeLMError, match="between 0 and 1"):
         SpikeRateRegulariser(target=1.5)
-    with pytest.raises(ValueError, match="no spiking neuron population matches"):
+    with pytest.raises(SpikeLMError, match="no spiking neuron population matches"):
         SpikeRateRegulariser(target=0.1, populations=["nothing"]).attach(SpikeLMForCausalLM(tiny_config("ssa")))
+
+
+def test_spikelm_train_takes_a_spike_rate_target_and_logs_the_rates(tmp_path):
+    from helpers import spikelm
+
+    run = spikelm("train", "--preset", "tiny", "--output", tmp_path / "run", "--max-steps", 4, "--logging-steps", 2,
+                  "--eval-steps", 4, "--save-steps", 4, "--block-size", 32, "--batch-size", 4, "--vocab-size", 256,
+                  "--spike-rate-target", 0.01, "--spike-rate-populations", "mlp.hidden_neuron")
+    assert run.returncode == 0, run.stderr[-2000:]
+    import json
+
+    history = json.loads((tmp_path / "run" / "trainer_state.json").read_text())["log_history"]
+    logged = [entry for entry in history if "loss" in entry]
+    assert logged and all("firing_rate/layers.0" in entry and entry["spike_rate_penalty"] >= 0 for entry in logged)
+    bad = spikelm("train", "--preset", "tiny", "--output", tmp_path / "bad", "--max-steps", 1,
+                  "--spike-rate-target", 2.0)
+    assert bad.returncode == 2 and "between 0 and 1" in bad.stderr

@@ -20,6 +20,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..loading import load_model_and_tokenizer
+from ..tokenizer import CHAT_TEMPLATE
 from . import schemas
 from .engine import Engine, EngineBusy, EngineStopped, SamplingParams
 from .metrics import CONTENT_TYPE, ServerMetrics
@@ -27,11 +29,6 @@ from .settings import ServeSettings
 
 logger = logging.getLogger("spikelm.serving")
 
-# Used when the tokenizer has no chat template of its own: "role: content" lines, then "assistant:".
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
 ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 
 
@@ -72,18 +69,6 @@ class RequestCounter:
             if status is not None:
                 endpoint = scope["path"] if scope["path"] in ROUTES else "other"
                 self.metrics.requests.labels(endpoint, str(status)).inc()
-
-
-# ================================================================ loading
-
-
-def load_model_and_tokenizer(path):
-    import spikelm  # noqa: F401  (registers the Auto classes)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    return model, tokenizer
 
 
 # ================================================================ request parsing
@@ -250,7 +235,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     def encode_chat(messages):
         tokenizer = app.state.tokenizer
         conversation = [{"role": m.role, "content": m.text()} for m in messages]
-        template = None if getattr(tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
+        template = None if getattr(tokenizer, "chat_template", None) else CHAT_TEMPLATE  # spikelm's own
         try:
             text = tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False,
                                                  add_generation_prompt=True)
