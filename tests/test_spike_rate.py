@@ -93,8 +93,8 @@ def test_spikelm_train_takes_a_spike_rate_target_and_logs_the_rates(tmp_path):
     from helpers import spikelm
 
     run = spikelm("train", "--preset", "tiny", "--output", tmp_path / "run", "--max-steps", 4, "--logging-steps", 2,
-                  "--eval-steps", 4, "--save-steps", 4, "--block-size", 32, "--batch-size", 4, "--vocab-size", 256,
-                  "--spike-rate-target", 0.01, "--spike-rate-populations", "mlp.hidden_neuron")
+                  "--eval-steps", 1000, "--save-steps", 1000, "--block-size", 32, "--batch-size", 4,
+                  "--max-eval-blocks", 4, "--spike-rate-target", 0.01, "--spike-rate-populations", "mlp.hidden_neuron")
     assert run.returncode == 0, run.stderr[-2000:]
     import json
 
