@@ -1,6 +1,6 @@
 """Energy accounting: operations counted exactly from the spikes that flowed, and the memory traffic they cause.
 
-Operation rules (docs/design.md, energy), one small pure function each, over counts:
+Operation rules (the README's "Energy accounting"), one small pure function each, over counts:
 
 - a weight matrix out x in fed spikes: out x (number of input spikes) accumulates (ACs);
   fed real values: out x in multiply-accumulates (MACs) per input vector;
