@@ -30,9 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 
 def run(args) -> int:
-    import uvicorn
-
-    from .app import create_app
+    from .server import serve
 
     settings_kwargs = dict(model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
                            max_batch=args.max_batch, max_queue=args.max_queue,
@@ -44,6 +42,5 @@ def run(args) -> int:
     settings = ServeSettings(**settings_kwargs)
     settings.check_model_dir()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
-                timeout_graceful_shutdown=5)
+    serve(settings, log_level=args.log_level)
     return 0
