@@ -169,7 +169,7 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
                 chunks.append(chunk)
     except TimeoutError:
         raise APIError(408, f"the request body did not arrive within {timeout_s:g} s",
-                       code="request_timeout") from None
+                       code="request_timeout", headers={"Connection": "close"}) from None
     return b"".join(chunks)
 
 
@@ -343,10 +343,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
         try:
             text = tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False,
                                                  add_generation_prompt=True)
-        except TemplateError as error:
+        except Exception as error:
             if type(error) is TemplateError:  # the template's own raise_exception(): a message for the client
                 raise APIError(400, f"the chat template refused the messages: {error}", param="messages") from None
-            logger.exception("request %s: the chat template failed", request_id)  # a bug in the template
+            logger.exception("request %s: the chat template failed", request_id)  # its text stays in the log
             raise APIError(400, f"the chat template could not render these messages (request id {request_id})",
                            param="messages") from None
         return checked_prompt(tokenizer(text, add_special_tokens=False)["input_ids"], "messages")

@@ -11,7 +11,7 @@ How a request flows:
     each sequence's chunk in a forward of its own. A long prompt therefore delays the active streams by one
     chunk per step, never by its whole prefill (the chunked prefill of Sarathi-Serve, Agrawal et al. 2024).
     A prompt whose last chunk has run samples its first token, leaves a snapshot of its state in the prefix
-    cache, and joins the batch. Each row is sampled with the sequence's own generator; a failure while
+    cache (taken one token before its end), and joins the batch. Each row is sampled with the sequence's own generator; a failure while
     sampling one row fails that sequence alone. A finished or cancelled sequence leaves the batch through
     `batch_select_indices`.
 
@@ -471,8 +471,9 @@ class Engine:
                 return
             remaining = len(sequence.prompt_ids) - sequence.prefilled
             chunk = min(remaining, budget)
-            if sequence.prefilled < sequence.snapshot_at:  # end the chunk where a snapshot is wanted
-                chunk = min(chunk, sequence.snapshot_at - sequence.prefilled)
+            snapshots = [at for at in self._snapshot_points(sequence) if at > sequence.prefilled]
+            if snapshots:  # end the chunk where a snapshot is wanted
+                chunk = min(chunk, min(snapshots) - sequence.prefilled)
             budget -= chunk
             try:
                 logits = self._prefill_chunk(sequence, chunk)
@@ -504,10 +505,17 @@ class Engine:
         sequence.tokens_processed += chunk
         sequence.prompt_energy += counter.row(0)
         self.prefill_chunks += 1
-        done = sequence.prefilled == len(sequence.prompt_ids)
-        if self.prefix_cache is not None and (done or sequence.prefilled == sequence.snapshot_at):
+        if sequence.prefilled in self._snapshot_points(sequence):
             self.prefix_cache.insert(sequence.prompt_ids[:sequence.prefilled], sequence.cache)
-        return output.logits[0, -1] if done else None
+        return output.logits[0, -1] if sequence.prefilled == len(sequence.prompt_ids) else None
+
+    def _snapshot_points(self, sequence) -> tuple[int, ...]:
+        """Prompt lengths after which the prefix cache keeps the state: where the prompt parts from a cached
+        one, and one token before its end (the last token must run again for its logits, so a repeated
+        prompt, or a chat's next turn, resumes there)."""
+        if self.prefix_cache is None:
+            return ()
+        return sequence.snapshot_at, len(sequence.prompt_ids) - 1
 
     def _decode_step(self):
         batch = self._active
