@@ -25,10 +25,9 @@ update work row by row. A sequence then gets the same numbers alone or in a batc
 (tests/serving/test_app.py checks it), and the same greedy tokens with and without the prefix cache
 (tests/serving/test_engine.py).
 
-Energy. `RowEnergyCounter` takes count_energy's hooks but keeps every count per batch row, using the same
-rule functions as spikelm.energy, so a sequence's counts in a batched step equal what count_energy counts for
-that sequence alone (tests/serving/test_engine.py checks it). The prompt is counted in its own forwards (only
-the tokens that ran: a cached prefix costs nothing).
+Energy. spikelm.energy's counter keeps every count per batch row, so a sequence's counts in a batched step
+equal what count_energy counts for that sequence alone (tests/serving/test_engine.py checks it). The prompt is
+counted in its own forwards (only the tokens that ran: a cached prefix costs nothing).
 """
 
 import collections
@@ -41,10 +40,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..energy import E_AC_PJ, E_MAC_PJ, EnergyCounter, EnergyCounts, count_energy, gpt2_reference_counts
 from .prefix_cache import PrefixStateCache
-from ..energy import (E_AC_PJ, E_MAC_PJ, EnergyCounter, _is_binary, count_energy, gpt2_reference_counts,
-                      head_average_ops, neuron_ops, norm_ops, residual_ops, sdsa_ops, ssa_ops,
-                      weight_ops_on_reals, weight_ops_on_spikes)
 
 logger = logging.getLogger("spikelm.serving")
 
@@ -55,110 +52,6 @@ class EngineBusy(Exception):
 
 class EngineStopped(Exception):
     """The engine is shutting down."""
-
-
-# ================================================================ energy per batch row
-
-
-def _per_row(x):
-    """Non-zeros of each batch row of x [T, B, ...] (batch in dim 1) -> [B] int64."""
-    return torch.count_nonzero(x.transpose(0, 1).reshape(x.shape[1], -1), dim=1)
-
-
-class RowEnergyCounter(EnergyCounter):
-    """count_energy's counters with every count kept per batch row (dim 1 of [T, B, n, ...], dim 0 of logits).
-
-    The arithmetic is spikelm.energy's rule functions, applied to per-row counts instead of batch totals.
-    """
-
-    def start(self, rows: int):
-        self.rows = rows
-        zeros = lambda: torch.zeros(rows, dtype=torch.int64)  # noqa: E731
-        self.row_ac, self.row_mac, self.row_spikes, self.row_neuron_steps = zeros(), zeros(), zeros(), zeros()
-        return self
-
-    def _add(self, ops):
-        ac, mac = ops
-        self.row_ac += ac
-        self.row_mac += mac
-
-    def _rows_of(self, x, dim=1):
-        if x.shape[dim] != self.rows:
-            raise RuntimeError(f"RowEnergyCounter expected {self.rows} rows in dim {dim}, got {tuple(x.shape)}")
-        return x.numel() // self.rows  # elements per row
-
-    def linear(self, module, inputs, output):
-        x = inputs[0]
-        per_row = self._rows_of(x)
-        if _is_binary(x):
-            self._add(weight_ops_on_spikes(module.out_features, _per_row(x)))
-        else:
-            self._add(weight_ops_on_reals(module.out_features, module.in_features, per_row // module.in_features))
-        if module.bias is not None:
-            self._add((output.numel() // self.rows, 0))
-
-    def norm(self, module, inputs, output):
-        kind = "layernorm" if isinstance(module, torch.nn.LayerNorm) else "rmsnorm"
-        width = inputs[0].shape[-1]
-        self._add(norm_ops(kind, width, self._rows_of(inputs[0]) // width))
-
-    def block(self, module, inputs, output):
-        width = inputs[0].shape[-1]
-        self._add(residual_ops(width, 2 * self._rows_of(inputs[0]) // width))
-
-    def __call__(self, neuron, spikes):
-        count = _per_row(spikes)
-        neurons = self._rows_of(spikes) // spikes.shape[0]
-        leak_is_one = neuron.leak_logit is None and neuron.fixed_leak == 1.0
-        self._add(neuron_ops(neurons, spikes.shape[0], count, leak_is_one, neuron.reset))
-        self.row_spikes += count
-        self.row_neuron_steps += spikes.numel() // self.rows
-
-    def attention(self, module, q, k, v, mask, attended):
-        T, B, n, D = q.shape
-        H, d = module.num_heads, module.head_dim
-        self._rows_of(q)
-        if module.kind == "ssa":
-            k_count = k.reshape(T, B, n, H, d).sum(-1).long()
-            v_count = v.reshape(T, B, n, H, d).sum(-1).long()
-            pairs = (k_count * v_count).sum(dim=(0, 2, 3))
-            self._add(ssa_ops(T, H, d, n, pairs, _per_row(q)))
-        else:
-            self._add(sdsa_ops(T, H, D, n, _per_row(k * v)))
-
-    def head_average(self, module, logits):
-        self._add(head_average_ops(logits.shape[-1], self._rows_of(logits, dim=0) // logits.shape[-1]))
-
-    def model(self, module, args, kwargs, output):
-        self.tokens += output.spikes.shape[1] * output.spikes.shape[2]
-
-    def row(self, i) -> "StepEnergy":
-        return StepEnergy(int(self.row_ac[i]), int(self.row_mac[i]), int(self.row_spikes[i]),
-                          int(self.row_neuron_steps[i]))
-
-
-@dataclass
-class StepEnergy:
-    """Operation counts of one sequence in one forward pass (or summed over several)."""
-
-    ac: int = 0
-    mac: int = 0
-    spikes: int = 0
-    neuron_steps: int = 0
-
-    def __iadd__(self, other):
-        self.ac += other.ac
-        self.mac += other.mac
-        self.spikes += other.spikes
-        self.neuron_steps += other.neuron_steps
-        return self
-
-    def picojoules(self, e_ac=E_AC_PJ, e_mac=E_MAC_PJ) -> float:
-        return e_ac * self.ac + e_mac * self.mac
-
-    @property
-    def firing_rate(self) -> float:
-        return self.spikes / self.neuron_steps if self.neuron_steps else 0.0
 
 
 # ================================================================ requests, sampling, text
@@ -245,7 +138,7 @@ class TextStream:
 class RequestUsage:
     prompt_tokens: int
     completion_tokens: int
-    energy: StepEnergy  # the whole request: prompt forward + every decode step
+    energy: EnergyCounts  # the whole request: prompt forward + every decode step
     tokens_processed: int  # tokens that went through the model
     cached_tokens: int  # prompt tokens resumed from the prefix cache (not processed)
     pj: float
@@ -259,7 +152,7 @@ class SequenceEvent:
 
     text: str = ""
     token_id: int | None = None
-    energy: StepEnergy | None = None
+    energy: EnergyCounts | None = None
     pj: float = 0.0
     finish_reason: str | None = None  # "stop", "length"; None while generating
     usage: RequestUsage | None = None
@@ -282,7 +175,7 @@ class Sequence:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator().manual_seed(seed)
         self.generated: list[int] = []
-        self.energy = StepEnergy()
+        self.energy = EnergyCounts()
         self.tokens_processed = 0
         self.cancelled = False
         self.finished = False
@@ -292,7 +185,7 @@ class Sequence:
         self.prefilled = 0
         self.cached_tokens = 0  # prompt tokens resumed from the prefix cache
         self.snapshot_at = 0  # a prompt length at which to keep a snapshot (where it parts from a cached key)
-        self.prompt_energy = StepEnergy()
+        self.prompt_energy = EnergyCounts()
 
     def cancel(self):
         """Called from any thread: the engine drops the sequence at its next step."""
@@ -497,7 +390,7 @@ class Engine:
         is done, else None."""
         start = sequence.prefilled
         ids = torch.tensor([sequence.prompt_ids[start:start + chunk]], dtype=torch.long)
-        counter = RowEnergyCounter().start(1)
+        counter = EnergyCounter(positions=[start])  # a resumed prompt continues at its cached length
         with count_energy(self.model, counter):
             output = self.model(input_ids=ids, cache=sequence.cache, use_cache=True, logits_to_keep=1)
         sequence.cache = output.cache
@@ -520,7 +413,8 @@ class Engine:
     def _decode_step(self):
         batch = self._active
         ids = torch.tensor([[s.generated[-1]] for s in batch], dtype=torch.long)
-        counter = RowEnergyCounter().start(len(batch))
+        # continuing sequences: each row's context so far (its prompt, cached part included, and its tokens)
+        counter = EnergyCounter(positions=[len(s.prompt_ids) + len(s.generated) - 1 for s in batch])
         with count_energy(self.model, counter):
             output = self.model(input_ids=ids, cache=self._cache, use_cache=True)
         self._cache = output.cache
@@ -551,7 +445,7 @@ class Engine:
         for layer in self._cache.layers:
             layer.batch_select_indices(index)
 
-    def _accept(self, sequence, logits, energy: StepEnergy) -> bool:
+    def _accept(self, sequence, logits, energy: EnergyCounts) -> bool:
         """Sample the next token from logits [V], tell the request; returns True when the sequence is done
         (finished, or failed: a failure here is this sequence's alone)."""
         try:
@@ -584,9 +478,8 @@ class Engine:
         self._emit(sequence, _failure(sequence))
 
     def _usage(self, sequence) -> RequestUsage:
-        config = self.config
-        reference = gpt2_reference_counts(config.hidden_size, config.num_hidden_layers, config.vocab_size,
-                                          sequence.tokens_processed, config.intermediate_size)
+        energy = sequence.energy
+        reference = gpt2_reference_counts(self.config, energy.tokens, logits=energy.logits, context=energy.context)
         return RequestUsage(prompt_tokens=len(sequence.prompt_ids), completion_tokens=len(sequence.generated),
                             energy=sequence.energy, tokens_processed=sequence.tokens_processed,
                             cached_tokens=sequence.cached_tokens,

@@ -78,6 +78,11 @@ def test_prefix_cache_gives_the_same_greedy_tokens_and_skips_shared_prompts(mode
     assert all(u.tokens_processed == u.prompt_tokens - u.cached_tokens + u.completion_tokens - 1 for u in usage)
     # the energy counts only what ran: a cached prompt costs less than the same prompt cold
     assert warm[3].events[0].energy.ac < cold[3].events[0].energy.ac
+    # and at the positions where it ran (the GPT-2 reference's attention cost grows with them)
+    n, generated = len(PROMPTS[3]), usage[3].completion_tokens
+    decode_positions = sum(n + j for j in range(1, generated))
+    assert usage[3].energy.context == n + decode_positions
+    assert cold[3].events[-1].usage.energy.context == n * (n + 1) // 2 + decode_positions
     assert (cached.prefix_cache.hits, cached.prefix_cache.misses) == (2, 2) and uncached.prefix_cache is None
 
 
