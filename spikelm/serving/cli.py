@@ -26,6 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--dtype", choices=["float64", "float32"], default=d("dtype"),
                         help="float64 (default) keeps each sequence's output independent of the batch")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the engine")
+    parser.add_argument("--step-tokens", type=int, default=d("step_tokens"),
+                        help="tokens one engine step may process: decode rows plus prompt chunks")
+    parser.add_argument("--prefix-cache-bytes", type=int, default=d("prefix_cache_bytes"),
+                        help="budget of the prefix-state cache (0: off)")
+    parser.add_argument("--allowed-host", action="append", default=[], dest="allowed_hosts",
+                        help="a Host name to answer besides the bound address and loopback (repeatable; '*': any)")
+    parser.add_argument("--max-connections", type=int, default=d("max_connections"))
+    parser.add_argument("--shutdown-timeout", type=float, default=d("shutdown_timeout_s"),
+                        help="seconds running requests get to finish on shutdown")
     parser.add_argument("--log-level", default="info")
 
 
@@ -36,7 +45,9 @@ def run(args) -> int:
                            max_batch=args.max_batch, max_queue=args.max_queue,
                            max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                            default_max_tokens=args.default_max_tokens, max_body_bytes=args.max_body_bytes,
-                           dtype=args.dtype, threads=args.threads)
+                           dtype=args.dtype, threads=args.threads, step_tokens=args.step_tokens,
+                           prefix_cache_bytes=args.prefix_cache_bytes, allowed_hosts=args.allowed_hosts,
+                           max_connections=args.max_connections, shutdown_timeout_s=args.shutdown_timeout)
     if args.api_key:
         settings_kwargs["api_key"] = args.api_key
     settings = ServeSettings(**settings_kwargs)
