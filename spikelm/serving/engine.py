@@ -216,14 +216,15 @@ def _failure(sequence) -> SequenceEvent:
 class Engine:
     """Runs a model for many concurrent requests; one background thread does all the model work.
 
-    step_tokens: the tokens one step may process: one per active sequence, the rest for prompt chunks
-    (at least `min_prefill_chunk` whenever a prompt waits, so that prompts progress under a full batch).
+    step_tokens: the tokens one step may process while sequences decode: one per decoding sequence, the rest
+    for prompt chunks (at least `min_prefill_chunk` whenever a prompt waits, so that prompts progress under a
+    full batch). With nothing decoding, prompts run in chunks of up to `idle_prefill_tokens`.
     prefix_cache_bytes: the budget of the prefix-state cache (0: no cache).
     """
 
     def __init__(self, model, tokenizer, max_batch=32, max_queue=64, dtype=torch.float64, threads=None,
-                 e_ac_pj=E_AC_PJ, e_mac_pj=E_MAC_PJ, step_tokens=256, min_prefill_chunk=16,
-                 prefix_cache_bytes=64 * 2**20):
+                 e_ac_pj=E_AC_PJ, e_mac_pj=E_MAC_PJ, step_tokens=64, min_prefill_chunk=16,
+                 idle_prefill_tokens=2048, prefix_cache_bytes=64 * 2**20):
         self.model = model.to(dtype).eval()
         self.tokenizer = tokenizer
         self.config = model.config
@@ -232,6 +233,7 @@ class Engine:
         self.threads = threads
         self.step_tokens = step_tokens
         self.min_prefill_chunk = min_prefill_chunk
+        self.idle_prefill_tokens = max(idle_prefill_tokens, step_tokens)
         self.e_ac_pj, self.e_mac_pj = e_ac_pj, e_mac_pj
         eos = {tokenizer.eos_token_id, *(self.config.eos_token_id if isinstance(self.config.eos_token_id, list)
                                          else [self.config.eos_token_id])}
@@ -328,7 +330,9 @@ class Engine:
                         for sequence in self._active:
                             self._fail(sequence)
                         self._active, self._cache = [], None
-                self._prefill_step(max(self.step_tokens - len(self._active), self.min_prefill_chunk))
+                # the budget protects decoding streams; with none, a prompt runs in chunks as large as the idle budget
+                budget = self.step_tokens - len(self._active) if self._active else self.idle_prefill_tokens
+                self._prefill_step(max(budget, self.min_prefill_chunk))
         with self._wakeup:
             left = self._active + self._prefilling + list(self._waiting)
             self._active, self._prefilling, self._cache = [], [], None

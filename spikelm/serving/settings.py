@@ -29,9 +29,10 @@ class ServeSettings:
     e_ac_pj: float = E_AC_PJ  # energy of one accumulate (spikelm.energy)
     e_mac_pj: float = E_MAC_PJ  # energy of one multiply-accumulate
     retry_after_s: int = 1  # what a 503 tells the client to wait
-    # scheduling: the tokens one engine step may process (one per decoding sequence, the rest for prompt
-    # chunks); smaller keeps streams smoother while long prompts arrive, larger prefills faster
-    step_tokens: int = 256
+    # scheduling: the tokens one engine step may process while sequences decode (one per decoding sequence, the
+    # rest for prompt chunks); smaller keeps streams smoother while long prompts arrive, larger prefills them
+    # faster (eval/bench_chunked_prefill.py measures both). With nothing decoding, prompts run in 2,048-token chunks
+    step_tokens: int = 64
     # the prefix-state cache: prompt states kept for reuse by prompts that start the same way (0: off)
     prefix_cache_bytes: int = 64 * 2**20
     # connections and time limits

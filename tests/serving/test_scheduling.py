@@ -89,9 +89,10 @@ def test_prefix_cache_gives_the_same_greedy_tokens_and_skips_shared_prompts(mode
 def test_chunked_prefill_gives_the_same_tokens_as_one_forward(model_dir):
     greedy = SamplingParams(max_tokens=16, temperature=0)
     prompts = [SHARED[:200], SHARED[:150] + [8, 9], [5, 6, 7]]
-    whole, _ = run_engine(model_dir, prompts, greedy, prefix_cache_bytes=0, step_tokens=4096)
+    whole, _ = run_engine(model_dir, prompts, greedy, prefix_cache_bytes=0, step_tokens=4096,
+                          idle_prefill_tokens=4096)
     chunked, engine = run_engine(model_dir, prompts, greedy, prefix_cache_bytes=0, step_tokens=7,
-                                 min_prefill_chunk=1)
+                                 min_prefill_chunk=1, idle_prefill_tokens=7)
     assert [c.tokens for c in chunked] == [c.tokens for c in whole]
     assert engine.prefill_chunks >= sum(len(p) for p in prompts) // 7
 
