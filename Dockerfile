@@ -14,7 +14,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# torch first, pinned, so that the package's range (torch<2.14) accepts it and nothing later replaces it.
+# torch first, pinned, so that installing the package leaves it as it is.
 # The CPU-only wheel by default (PyPI's x86-64 wheel is a multi-GB CUDA build); --build-arg TORCH_INDEX_URL=
 # (empty) takes PyPI's instead.
 ARG TORCH_INDEX_URL="https://download.pytorch.org/whl/cpu"
@@ -33,5 +33,6 @@ EXPOSE 8000
 # Inside a container the server must listen on all interfaces for -p to reach it.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
     CMD python -c "import os, urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ[\"SPIKELM_PORT\"]}/health', timeout=4)"
-# A shell form, so that SPIKELM_MODEL and SPIKELM_PORT are read at run time; exec keeps signals reaching python.
-CMD ["sh", "-c", "exec spikelm serve --model \"$SPIKELM_MODEL\" --host 0.0.0.0 --port \"$SPIKELM_PORT\""]
+# serve/entrypoint.sh reads SPIKELM_MODEL and SPIKELM_PORT at run time; arguments after the image name go
+# to `spikelm serve` (docker run ... spikelm --max-batch 16).
+ENTRYPOINT ["/app/serve/entrypoint.sh"]

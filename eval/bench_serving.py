@@ -1,16 +1,131 @@
-"""Benchmark the HTTP server: tokens/s and p50/p99 latency at 1, 8 and 32 streaming clients,
-batched engine against one sequence at a time (a `--max-batch 1` server). Writes JSON, prints figures.
+"""Benchmark the HTTP server: tokens/s and p50/p99 latency at 1, 8 and 32 streaming clients, batched engine
+against one sequence at a time (a `--max-batch 1` server). Writes JSON, prints figures.
 
     python eval/bench_serving.py --model runs/quickstart --out runs/bench_serving.json
+
+For each server mode (a batched engine, and `--max-batch 1`), start `spikelm serve` in a subprocess, then
+for each concurrency level run that many streaming clients, each sending requests back to back, and measure
+generated tokens per second over the level's wall time, request latency (p50, p99) and time to first token.
+Needs httpx (`pip install httpx`, in the dev extra).
 """
 
+
 import argparse
+import asyncio
 import json
+import os
+import socket
+import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
+
 from spikelm.errors import SpikeLMError
-from spikelm.serving.benchmark import run_benchmark
+from spikelm.loading import require_saved_model
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _percentile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+class ServerProcess:
+    def __init__(self, model, max_batch, threads=None, extra=()):
+        self.port = _free_port()
+        command = [sys.executable, "-m", "spikelm.cli", "serve", "--model", model, "--port", str(self.port),
+                   "--max-batch", str(max_batch), "--max-queue", "256", "--max-tokens", "4096",
+                   "--log-level", "warning", *extra]
+        if threads:
+            command += ["--threads", str(threads)]
+        self.process = subprocess.Popen(command, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self):
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited with code {self.process.returncode}")
+            try:
+                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                time.sleep(0.2)
+        raise RuntimeError("the server did not start in 120 s")
+
+    def __exit__(self, *exc):
+        self.process.terminate()
+        try:
+            self.process.wait(15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+async def _one_request(client, base, prompt, max_tokens):
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    start = time.perf_counter()
+    first, tokens = None, 0
+    async with client.stream("POST", f"{base}/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                if json.loads(line[6:]).get("choices"):
+                    tokens += 1
+                    first = first or time.perf_counter()
+    end = time.perf_counter()
+    return {"latency_s": end - start, "ttft_s": (first or end) - start, "tokens": tokens}
+
+
+async def _level(base, concurrency, requests, max_tokens):
+    queue = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait(f"Request {i}: to be, or not to be")
+    results = []
+
+    async def worker(client):
+        while not queue.empty():
+            results.append(await _one_request(client, base, queue.get_nowait(), max_tokens))
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    latencies = [r["latency_s"] for r in results]
+    ttfts = [r["ttft_s"] for r in results]
+    tokens = sum(r["tokens"] for r in results)
+    return {"concurrency": concurrency, "requests": len(results), "tokens": tokens, "wall_s": wall,
+            "tokens_per_s": tokens / wall, "latency_p50_s": statistics.median(latencies),
+            "latency_p99_s": _percentile(latencies, 99), "ttft_p50_s": statistics.median(ttfts),
+            "ttft_p99_s": _percentile(ttfts, 99)}
+
+
+def run_benchmark(model, concurrency=(1, 8, 32), max_tokens=64, requests_per_level=None, max_batch=32,
+                  threads=None, dtype="float64", log=print):
+    """Returns {"batched": [level...], "one_at_a_time": [level...], "settings": {...}}."""
+    report = {"settings": {"model": model, "concurrency": list(concurrency), "max_tokens": max_tokens,
+                           "max_batch": max_batch, "threads": threads, "dtype": dtype}}
+    for mode, batch in (("batched", max_batch), ("one_at_a_time", 1)):
+        with ServerProcess(model, batch, threads, extra=("--dtype", dtype)) as server:
+            asyncio.run(_level(server.base, 1, 2, 4))  # warm up
+            levels = []
+            for c in concurrency:
+                requests = requests_per_level or max(2 * c, 8)
+                level = asyncio.run(_level(server.base, c, requests, max_tokens))
+                levels.append(level)
+                log(f"{mode:>14}  clients {c:>3}  {level['tokens_per_s']:8.1f} tokens/s  "
+                    f"latency p50 {level['latency_p50_s']:6.2f} s  p99 {level['latency_p99_s']:6.2f} s  "
+                    f"ttft p50 {level['ttft_p50_s']:6.3f} s")
+            report[mode] = levels
+    return report
 
 
 def main() -> int:
@@ -24,8 +139,7 @@ def main() -> int:
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     parser.add_argument("--out", default="runs/bench_serving.json")
     args = parser.parse_args()
-    if not (Path(args.model) / "config.json").exists():
-        raise SpikeLMError(f"{args.model} is not a saved model directory (run the quickstart or pass --model)")
+    require_saved_model(args.model)  # run the quickstart first, or pass --model
     report = run_benchmark(args.model, args.concurrency, args.max_tokens, args.requests, args.max_batch,
                            args.threads, args.dtype)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,5 @@
-"""`spikelm bench`: spikelm against a same-shape Hugging Face GPT-2, side by side in one run.
-
-    spikelm bench --output runs/bench.json            # D=256, 4 layers, 4 heads, vocab 4096, T=4
-    spikelm bench --quick                             # small shapes, two contexts: under a minute
+"""spikelm against a same-shape Hugging Face GPT-2, side by side in one run (the measuring behind
+`spikelm bench`, whose flags are in spikelm/cli/bench.py).
 
 Same width, depth, heads, MLP width and vocabulary; random weights (the shapes set the cost). Measured:
 - training: tokens/s of forward, backward and an AdamW step on a batch of random tokens;
@@ -18,7 +16,6 @@ that the models are measured with the same initial weights whatever their order.
 import ctypes
 import datetime
 import gc
-import json
 import os
 import platform
 import statistics
@@ -27,7 +24,6 @@ import threading
 import time
 from pathlib import Path
 
-from .errors import SpikeLMError
 
 FULL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, vocab_size=4096,
             time_steps=[4], contexts=[128, 512, 2048, 4096], train_batch=8, train_seq_len=256, decode_tokens=32,
@@ -124,28 +120,25 @@ def state_bytes(cache):
 
 
 def build_models(settings):
-    """-> [(name, model)]: GPT-2 first, then a spikelm model per number of time steps, all the same shape."""
+    """-> [(name, model)]: GPT-2 first (matched in parameters), then a spikelm model per number of time steps."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     from . import SpikeLMConfig, SpikeLMForCausalLM
+    from .references import matched_gpt2_config
 
     s = settings
+    configs = [SpikeLMConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
+                             num_hidden_layers=s["num_hidden_layers"], num_attention_heads=s["num_attention_heads"],
+                             intermediate_size=s["intermediate_size"], time_steps=T,
+                             attention_type=s["attention_type"], bos_token_id=0, eos_token_id=0)
+               for T in s["time_steps"]]
     torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(
-        vocab_size=s["vocab_size"], n_embd=s["hidden_size"], n_layer=s["num_hidden_layers"],
-        n_head=s["num_attention_heads"], n_inner=s["intermediate_size"],
-        n_positions=max(s["contexts"]) + s["decode_tokens"] + 1,  # room for the prompt and the decoded tokens
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # spikelm has no dropout: compare like with like
-        bos_token_id=0, eos_token_id=0))
+    # room for the prompt and the decoded tokens; as many parameters as spikelm
+    gpt2 = GPT2LMHeadModel(matched_gpt2_config(configs[0], max(s["contexts"]) + s["decode_tokens"] + 1))
     models = [("gpt2", gpt2)]
-    for T in s["time_steps"]:
-        config = SpikeLMConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
-                               num_hidden_layers=s["num_hidden_layers"],
-                               num_attention_heads=s["num_attention_heads"],
-                               intermediate_size=s["intermediate_size"], time_steps=T,
-                               attention_type=s["attention_type"])
-        models.append((f"spikelm T={T}", SpikeLMForCausalLM(config)))
+    for config in configs:
+        models.append((f"spikelm T={config.time_steps}", SpikeLMForCausalLM(config)))
     return models
 
 
@@ -334,99 +327,3 @@ def run_benchmark(settings, log=print):
             f"{(row['peak_rss_growth_bytes'] or 0) / 2**20:7.1f} MiB")
     report["ratios"] = ratios(report)
     return report
-
-
-# ================================================================ the `spikelm bench` command
-
-
-def add_arguments(parser):
-    parser.add_argument("--quick", action="store_true", help="small shapes, two contexts: under a minute")
-    parser.add_argument("--preset", default=None, help="take the shape from a preset (tiny, small, base, medium)")
-    parser.add_argument("--hidden-size", type=int, default=None, help=f"D (default {FULL['hidden_size']})")
-    parser.add_argument("--layers", type=int, default=None, help=f"default {FULL['num_hidden_layers']}")
-    parser.add_argument("--heads", type=int, default=None, help=f"default {FULL['num_attention_heads']}")
-    parser.add_argument("--intermediate-size", type=int, default=None, help="MLP width (default 4 D)")
-    parser.add_argument("--vocab-size", type=int, default=None, help=f"default {FULL['vocab_size']}")
-    parser.add_argument("--time-steps", type=int, nargs="+", default=None, help="spikelm T, one model each (default 4)")
-    parser.add_argument("--attention-type", choices=("ssa", "sdsa"), default="ssa")
-    parser.add_argument("--contexts", type=int, nargs="+", default=None, help="default 128 512 2048 4096")
-    parser.add_argument("--train-batch", type=int, default=None, help="training batch (default 8)")
-    parser.add_argument("--train-seq-len", type=int, default=None, help="training sequence length (default 256)")
-    parser.add_argument("--decode-tokens", type=int, default=None, help="decode steps timed per context (default 32)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats, medians reported (default 5)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 1)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    parser.add_argument("--compile-neurons", action="store_true",
-                        help="spikelm with the compiled neuron kernels (torch.compile; adds compilation time)")
-    parser.add_argument("--output", default="runs/bench.json", help="JSON file; the Markdown goes beside it (.md)")
-
-
-def settings_from_args(args):
-    settings = dict(QUICK if args.quick else FULL)
-    if args.preset:
-        from .presets import preset
-
-        shape = preset(args.preset)
-        settings.update({k: shape[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                               "vocab_size")})
-        settings["intermediate_size"] = shape.get("intermediate_size") or 4 * shape["hidden_size"]
-        settings["time_steps"] = [shape.get("time_steps", 4)]
-    flags = {"hidden_size": args.hidden_size, "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
-             "vocab_size": args.vocab_size, "time_steps": args.time_steps, "contexts": args.contexts,
-             "train_batch": args.train_batch, "train_seq_len": args.train_seq_len,
-             "decode_tokens": args.decode_tokens, "repeats": args.repeats, "warmup": args.warmup}
-    settings.update({k: v for k, v in flags.items() if v is not None})
-    if args.intermediate_size is not None:
-        settings["intermediate_size"] = args.intermediate_size
-    elif args.hidden_size is not None and not args.preset:
-        settings["intermediate_size"] = 4 * args.hidden_size
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
-                "train_batch", "train_seq_len", "decode_tokens", "repeats"):
-        if settings[key] < 1:
-            raise SpikeLMError(f"--{key.replace('_', '-')} must be at least 1 (got {settings[key]})")
-    if settings["warmup"] < 0:
-        raise SpikeLMError(f"--warmup must not be negative (got {settings['warmup']})")
-    if min(settings["contexts"]) < 1 or min(settings["time_steps"]) < 1:
-        raise SpikeLMError("--contexts and --time-steps must be positive")
-    if settings["hidden_size"] % settings["num_attention_heads"]:
-        raise SpikeLMError(f"--hidden-size {settings['hidden_size']} must be divisible by --heads "
-                           f"{settings['num_attention_heads']}")
-    settings["contexts"] = sorted(set(settings["contexts"]))
-    settings["energy_context"] = min(settings["energy_context"], max(settings["contexts"]))
-    settings["attention_type"] = args.attention_type
-    settings["dtype"] = "float32"
-    settings["compile_neurons"] = args.compile_neurons
-    return settings
-
-
-def command_line(args):
-    """The flags that were given, as a command line to rerun (recorded in the JSON)."""
-    words = ["spikelm", "bench"]
-    for key, value in vars(args).items():
-        if key in ("command", "output") or value is None or value is False:
-            continue
-        words.append("--" + key.replace("_", "-"))
-        if value is not True:
-            words += [str(v) for v in value] if isinstance(value, list) else [str(value)]
-    return " ".join(words)
-
-
-def run(args) -> int:
-    if args.threads is not None and args.threads < 1:
-        raise SpikeLMError(f"--threads must be at least 1 (got {args.threads})")
-    settings = settings_from_args(args)
-    import torch
-
-    from .reporting import benchmark_markdown
-
-    torch.set_num_threads(args.threads or os.cpu_count())
-    report = run_benchmark(settings)
-    report["command"] = command_line(args)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2))
-    markdown = benchmark_markdown(report)
-    output.with_suffix(".md").write_text(markdown)
-    print(markdown)
-    print(f"wrote {output} and {output.with_suffix('.md')}")
-    return 0

@@ -23,19 +23,12 @@ from torch import nn
 from .configuration_spikelm import SpikeLMConfig
 from .errors import SpikeLMError
 from .modeling_spikelm import SpikeLMForCausalLM
-
-
-def _fields(config: SpikeLMConfig) -> dict:
-    """The config's own fields, without what save_pretrained adds, to build a variant from."""
-    settings = config.to_dict()
-    for key in ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path"):
-        settings.pop(key, None)
-    return settings
+from .references import config_fields
 
 
 def ann_twin_config(config: SpikeLMConfig, levels: int | None = None) -> SpikeLMConfig:
     """The ANN twin of a spiking config: same shape, QCFS activations with `levels` (default: its T) levels."""
-    settings = _fields(config)
+    settings = config_fields(config)
     levels = levels or config.time_steps
     settings.update(neuron_type="qcfs", quantization_levels=levels, time_steps=1, threshold=1.0,
                     initial_membrane=0.0, learn_leak=False)
@@ -58,7 +51,7 @@ def convert_to_snn(twin: SpikeLMForCausalLM) -> SpikeLMForCausalLM:
         raise SpikeLMError("convert needs an ANN twin (neuron_type 'qcfs'): train one with `spikelm convert`")
     layers = twin.model.layers
     base_scales = [layer.attention.scale for layer in layers]
-    settings = _fields(config)
+    settings = config_fields(config)
     settings.update(neuron_type="if", time_steps=config.quantization_levels, threshold=1.0, initial_membrane=0.5,
                     reset="soft", learn_leak=False)
 
@@ -68,10 +61,10 @@ def convert_to_snn(twin: SpikeLMForCausalLM) -> SpikeLMForCausalLM:
         attention = layer.attention
         lam = {name: float(getattr(attention, name).threshold) for name in
                ("q_neuron", "k_neuron", "v_neuron", "readout_neuron")}
-        if attention.kind == "ssa":
-            scales.append(scale * lam["q_neuron"] * lam["k_neuron"] * lam["v_neuron"] / lam["readout_neuron"])
-        else:  # the running mean of k*v feeds the read-out neuron; q only masks
+        if attention.kind.q_masks_readout:  # the running mean of k*v feeds the read-out neuron; q only masks
             scales.append(scale * lam["k_neuron"] * lam["v_neuron"] / lam["readout_neuron"])
+        else:
+            scales.append(scale * lam["q_neuron"] * lam["k_neuron"] * lam["v_neuron"] / lam["readout_neuron"])
     settings["attention_scale"] = scales
     snn = SpikeLMForCausalLM(SpikeLMConfig(**settings))
     state = {k: v for k, v in copy.deepcopy(twin.state_dict()).items() if not k.endswith(".clip")}
@@ -90,7 +83,9 @@ def convert_to_snn(twin: SpikeLMForCausalLM) -> SpikeLMForCausalLM:
         layer.attention.kv_proj.weight[:D].mul_(a / k)
         layer.attention.kv_proj.weight[D:].mul_(a / v)
         # o_proj reads the read-out spikes (ssa) or q masked by them (sdsa)
-        layer.attention.o_proj.weight.mul_(r if att.kind == "ssa" else q * r)
+        layer.attention.o_proj.weight.mul_(q * r if att.kind.q_masks_readout else r)
+        if layer.attention.gate_proj is not None:  # the gate reads the attention neuron's spikes
+            layer.attention.gate_proj.weight.mul_(a)
         _scale_norm(layer.mlp_norm, 1 / m)
         layer.mlp.fc_in.weight.mul_(m / h)
         layer.mlp.fc_out.weight.mul_(h)
@@ -117,55 +112,40 @@ def is_spike_driven(model, input_ids) -> bool:
     return all(binary)
 
 
-# ================================================================ the `spikelm convert` command
+# ================================================================ training a twin and converting it
 
 TWIN_DIR = "ann-twin"
 
 
-def add_arguments(parser):
-    from .training import add_arguments as add_training_arguments
-
-    add_training_arguments(parser)
-    parser.add_argument("--levels", type=int, default=None,
-                        help="QCFS levels = the converted model's time steps (default: the preset's T)")
-
-
-def run(args) -> int:
+def train_and_convert(config: SpikeLMConfig, data, options, levels: int | None = None) -> dict:
+    """Train the ANN twin of `config` (spikelm.training.train, in options.output/ann-twin), convert it, and
+    evaluate both on the same held-out blocks. The converted model and its tokenizer are saved in
+    options.output with conversion.json (this report: both bits per byte and the gap)."""
+    import dataclasses
     import json
     from pathlib import Path
 
-    from .training import SpikeLMTrainer, _build_model, train
+    from .training import SpikeLMTrainer, train
 
-    if args.model:
-        raise SpikeLMError("convert trains its own ANN twin from a preset; to fine-tune a converted model, use "
-                           "`spikelm distill --model CONVERTED --teacher CONVERTED/ann-twin`")
-    if args.arch != "spikelm":
-        raise SpikeLMError("convert makes a spikelm model: drop --arch")
-    output = Path(args.output)
-    args.output = str(output / TWIN_DIR)  # the twin trains like any model, in a folder of its own
-
-    def build_twin(args, settings, tokenizer):
-        spiking = _build_model(args, dict(settings), tokenizer)  # the spiking model the twin stands in for
-        return SpikeLMForCausalLM(ann_twin_config(spiking.config, args.levels))
-
-    trainer = train(args, build_model=build_twin)
+    output = Path(options.output)
+    twin_options = dataclasses.replace(options, output=str(output / TWIN_DIR))  # the twin trains in a folder of its own
+    trainer = train(ann_twin_config(config, levels), data, twin_options)
     twin_metrics = trainer.evaluate()
     snn = convert_to_snn(trainer.model)
-    converted = SpikeLMTrainer(model=snn, args=trainer.args, eval_dataset=trainer.blocks.held_out,
-                               processing_class=trainer.processing_class,
-                               held_out_tokens=trainer.blocks.held_out_tokens,
-                               held_out_bytes=trainer.blocks.held_out_bytes)
+    converted = SpikeLMTrainer(model=snn, args=trainer.args, eval_dataset=data.blocks.held_out,
+                               processing_class=data.tokenizer, held_out_tokens=data.blocks.held_out_tokens,
+                               held_out_bytes=data.blocks.held_out_bytes)
     snn_metrics = converted.evaluate()
+    report = {"twin_bits_per_byte": twin_metrics["eval_bits_per_byte"],
+              "converted_bits_per_byte": snn_metrics["eval_bits_per_byte"],
+              "gap_bits_per_byte": snn_metrics["eval_bits_per_byte"] - twin_metrics["eval_bits_per_byte"],
+              "time_steps": snn.config.time_steps, "twin": str(output / TWIN_DIR)}
     if trainer.is_world_process_zero():
         snn.save_pretrained(output)
-        trainer.processing_class.save_pretrained(output)
-        report = {"twin_bits_per_byte": twin_metrics["eval_bits_per_byte"],
-                  "converted_bits_per_byte": snn_metrics["eval_bits_per_byte"],
-                  "gap_bits_per_byte": snn_metrics["eval_bits_per_byte"] - twin_metrics["eval_bits_per_byte"],
-                  "time_steps": snn.config.time_steps, "twin": str(output / TWIN_DIR)}
+        data.tokenizer.save_pretrained(output)
         (output / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
         print(f"ANN twin: {report['twin_bits_per_byte']:.3f} bits per byte; converted to T={snn.config.time_steps} "
               f"IF neurons: {report['converted_bits_per_byte']:.3f} (gap {report['gap_bits_per_byte']:+.3f}); "
               f"saved to {output}. Close the gap with: spikelm distill --model {output} "
               f"--teacher {output / TWIN_DIR} --output ...")
-    return 0
+    return report

@@ -3,18 +3,21 @@
     loss = (1 - alpha) * CE(student, labels) + alpha * tau^2 * KL(softmax(teacher / tau) || softmax(student / tau))
 
 (Hinton, Vinyals & Dean 2015; the tau^2 keeps the soft term's gradients on the scale of the hard one's.)
-The teacher is any local AutoModelForCausalLM with the student's vocabulary; it runs in eval mode without
-gradients. Everything else (data, checkpoints, resume, accelerate) is `spikelm train`'s.
-"""
+The teacher is any causal LM with the student's vocabulary (spikelm.loading.load_model); it runs in eval mode
+without gradients. Everything else (data, checkpoints, resume, accelerate) is spikelm.training's:
 
-from pathlib import Path
+    teacher = load_model("runs/gpt2")
+    data = prepare_data(options, tokenizer="runs/gpt2")
+    check_teacher(teacher, data.tokenizer)
+    distill(build_config("small", data.tokenizer), teacher, data, options, alpha=0.5, temperature=2.0)
+"""
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
 
 from .errors import SpikeLMError
-from .training import SpikeLMTrainer
+from .loading import has_tokenizer, load_tokenizer
+from .training import SpikeLMTrainer, TrainingData, TrainingOptions, train
 
 
 def distillation_loss(student_logits, teacher_logits, labels, alpha=0.5, temperature=2.0, ignore_index=-100):
@@ -34,7 +37,7 @@ def distillation_loss(student_logits, teacher_logits, labels, alpha=0.5, tempera
     return (1 - alpha) * ce + alpha * temperature ** 2 * kl
 
 
-# ================================================================ the `spikelm distill` command
+# ================================================================ training against a teacher
 
 
 class DistillationTrainer(SpikeLMTrainer):
@@ -61,56 +64,32 @@ class DistillationTrainer(SpikeLMTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def load_teacher(path, tokenizer, student_vocab_size=None):
-    """Any local causal LM; its vocabulary must be the student's (same tokenizer, same logits)."""
-    if not Path(path, "config.json").exists():
-        raise SpikeLMError(f"no saved model in {path}: pass --teacher a directory written by `spikelm train` "
-                           f"(for example with --arch gpt2) or save_pretrained")
-    teacher = AutoModelForCausalLM.from_pretrained(path)
+def check_teacher(teacher, tokenizer, student_vocab_size=None, teacher_path=None):
+    """Refuse a teacher whose logits do not index the student's vocabulary: another size, or (when its
+    directory `teacher_path` holds a tokenizer) other tokens."""
+    name = teacher_path or "the teacher"
     expected = student_vocab_size or len(tokenizer)
     if teacher.config.vocab_size != expected:
-        raise SpikeLMError(f"the teacher {path} has a vocabulary of {teacher.config.vocab_size} tokens and the "
+        raise SpikeLMError(f"the teacher {name} has a vocabulary of {teacher.config.vocab_size} tokens and the "
                            f"student {expected}: distillation needs the same tokenizer; train the teacher with "
                            f"--tokenizer pointing at the student's")
-    from .tokenizer import has_tokenizer, load_tokenizer
-
-    if has_tokenizer(path) and load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
-        raise SpikeLMError(f"the teacher {path} uses a different tokenizer from the student's: distillation "
-                           f"needs the same one; pass --tokenizer {path}")
-    return teacher
+    if teacher_path is not None and has_tokenizer(teacher_path) and \
+            load_tokenizer(teacher_path).get_vocab() != tokenizer.get_vocab():
+        raise SpikeLMError(f"the teacher {teacher_path} uses a different tokenizer from the student's: "
+                           f"distillation needs the same one; pass --tokenizer {teacher_path}")
 
 
-def add_arguments(parser):
-    from .training import add_arguments as add_training_arguments
-
-    add_training_arguments(parser)
-    group = parser.add_argument_group("distillation")
-    group.add_argument("--teacher", required=True, help="a local causal LM directory sharing the vocabulary")
-    group.add_argument("--alpha", type=float, default=0.5, help="weight of the KL term (0: plain training)")
-    group.add_argument("--temperature", type=float, default=2.0, help="softening temperature tau")
+def check_weights(alpha: float, temperature: float):
+    if not 0.0 <= alpha <= 1.0:
+        raise SpikeLMError(f"--alpha must be in [0, 1], got {alpha}")
+    if temperature <= 0:
+        raise SpikeLMError(f"--temperature must be positive, got {temperature}")
 
 
-def run(args) -> int:
-    from .training import train
-
-    if not 0.0 <= args.alpha <= 1.0:
-        raise SpikeLMError(f"--alpha must be in [0, 1], got {args.alpha}")
-    if args.temperature <= 0:
-        raise SpikeLMError(f"--temperature must be positive, got {args.temperature}")
-    if args.tokenizer is None and args.model is None:
-        args.tokenizer = args.teacher  # the student shares the teacher's tokenizer
-    state = {}
-
-    def build_student(args, settings, tokenizer):
-        from .training import _build_model
-
-        student = _build_model(args, settings, tokenizer)
-        state["teacher"] = load_teacher(args.teacher, tokenizer, student.config.vocab_size)
-        return student
-
-    class Trainer(DistillationTrainer):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, teacher=state["teacher"], alpha=args.alpha, temperature=args.temperature, **kw)
-
-    train(args, build_model=build_student, trainer_class=Trainer)
-    return 0
+def distill(config_or_model, teacher, data: TrainingData, options: TrainingOptions, alpha=0.5, temperature=2.0,
+            callbacks=()):
+    """spikelm.training.train with the loss of `distillation_loss` against `teacher` (a model, frozen here).
+    -> the Trainer."""
+    check_weights(alpha, temperature)
+    return train(config_or_model, data, options, trainer_class=DistillationTrainer,
+                 trainer_kwargs=dict(teacher=teacher, alpha=alpha, temperature=temperature), callbacks=callbacks)

@@ -1,4 +1,4 @@
-"""`spikelm tokenizer`: train a SentencePiece model on a corpus and save it as a Hugging Face fast tokenizer.
+"""A SentencePiece tokenizer trained on a corpus and saved as a Hugging Face fast tokenizer.
 
 The saved directory loads with `AutoTokenizer.from_pretrained(DIR)` offline. The SentencePiece model is
 lossless: no normalisation, spaces kept as they are, line breaks a token of their own, and characters it never
@@ -15,7 +15,8 @@ from pathlib import Path
 from .errors import SpikeLMError
 
 SPECIAL_TOKENS = dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-# A plain chat format for pipelines and servers: "role: content" lines, then "assistant: " to generate from.
+# The chat format of spikelm's own tokenizers, and the server's for tokenizers that bring none:
+# "role: content" lines, then "assistant: " to generate from.
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
@@ -66,39 +67,3 @@ def train_tokenizer(texts, output_dir, vocab_size=1024, model_type="bpe"):
     tokenizer.save_pretrained(output_dir)
     (output_dir / "tokenizer.model").write_bytes(model.getvalue())  # the SentencePiece original, for other tools
     return tokenizer
-
-
-def has_tokenizer(directory) -> bool:
-    return (Path(directory) / "tokenizer.json").exists() or (Path(directory) / "tokenizer_config.json").exists()
-
-
-def load_tokenizer(directory):
-    from transformers import AutoTokenizer
-
-    if not has_tokenizer(directory):
-        raise SpikeLMError(f"no tokenizer in {directory}: train one with `spikelm tokenizer --corpus PATH "
-                           f"--output {directory}`")
-    return AutoTokenizer.from_pretrained(str(directory))
-
-
-# ================================================================ the `spikelm tokenizer` command
-
-
-def add_arguments(parser):
-    parser.add_argument("--corpus", default=None,
-                        help="text file, folder of text files, .jsonl file or saved dataset (default: the bundled "
-                             "Tiny Shakespeare)")
-    parser.add_argument("--output", required=True, help="directory to save the tokenizer in")
-    parser.add_argument("--vocab-size", type=int, default=1024, help="number of tokens (default 1024)")
-    parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
-    parser.add_argument("--text-field", default="text", help="text field of JSON records / dataset rows")
-
-
-def run(args) -> int:
-    from .data import iter_texts, load_corpus, quiet_datasets
-
-    with quiet_datasets():
-        corpus = load_corpus(args.corpus, text_field=args.text_field)
-        tokenizer = train_tokenizer(iter_texts(corpus.train), args.output, args.vocab_size, args.model_type)
-    print(f"saved a {len(tokenizer)}-token {args.model_type} tokenizer to {args.output}")
-    return 0

@@ -1,37 +1,41 @@
-"""`spikelm train`: train a spikelm model from scratch (a preset) or fine-tune a saved one, with transformers.Trainer.
+"""Training a spikelm model (from scratch, or fine-tuning a saved one) with transformers.Trainer.
 
-    spikelm train --output runs/small                       # the bundled corpus, the `small` preset
-    spikelm train --corpus my.jsonl --output runs/mine --preset tiny --max-steps 200
-    spikelm train --model runs/small --corpus other.txt --output runs/tuned   # fine-tuning
-    accelerate launch --config_file train/accelerate/ddp.yaml -m spikelm.cli train ...   # several processes
+    from spikelm.training import TrainingOptions, build_config, prepare_data, train
 
-Trainer (accelerate underneath) does the schedule, gradient accumulation, clipping, mixed precision (bf16 on
-GPUs that have it, none on CPU), DDP/FSDP, the progress bar and safetensors checkpoints. What spikelm adds:
+    options = TrainingOptions(output="runs/small", max_steps=500)
+    data = prepare_data(options, vocab_size=1024)           # the bundled corpus, a tokenizer trained on it
+    trainer = train(build_config("small", data.tokenizer), data, options)
+
+`spikelm train` (spikelm/cli/train.py) is these three calls. Trainer (accelerate underneath) does the
+schedule, gradient accumulation, clipping, mixed precision (bf16 on GPUs that have it, none on CPU), DDP/FSDP,
+the progress bar and safetensors checkpoints. What spikelm adds:
 - a tokenizer trained on the corpus when none is given (spikelm.tokenizer),
 - held-out perplexity and bits per byte at every evaluation, and the energy per token and firing rate of the
   model on a held-out block (EnergyCallback),
 - checkpoints that appear atomically: written aside, then renamed into place, so that a run killed while
-  saving never leaves a half-written checkpoint-N for --resume to pick up.
+  saving never leaves a half-written checkpoint-N for `resume` to pick up.
 """
 
 import json
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import (AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, Trainer, TrainerCallback,
+                          TrainingArguments, set_seed)
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from .configuration_spikelm import SpikeLMConfig
-from .data import bits_per_byte, iter_texts, load_corpus, prepare_blocks, quiet_datasets
+from .data import Blocks, Corpus, bits_per_byte, iter_texts, load_corpus, prepare_blocks, quiet_datasets
 from .energy import count_inference
 from .errors import SpikeLMError
-from .presets import PRESETS, preset
-from .tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
+from .loading import has_tokenizer, load_tokenizer
+from .presets import preset
+from .tokenizer import train_tokenizer
 
-DEFAULT_PRESET = "small"
 STAGING_DIR = ".staging"  # checkpoints are written here, then renamed into the output directory
 TOKENIZER_MAX_ROWS = 2_000_000  # rows of a streamed corpus read to train a tokenizer
 
@@ -109,197 +113,175 @@ class EnergyCallback(TrainerCallback):
         self.trainer.log(energy)  # the progress bar and the log history
 
 
-# ================================================================ building the pieces
+# ================================================================ options
 
 
-def _resolve_tokenizer(args, corpus, output: Path, vocab_size: int):
-    """--tokenizer, else the fine-tuned model's, else one already in the output dir (a resumed run), else train
-    one on the training part of the corpus."""
-    if args.tokenizer:
-        tokenizer = load_tokenizer(args.tokenizer)
-    elif args.model:
-        tokenizer = load_tokenizer(args.model)
-    elif has_tokenizer(output):
-        return load_tokenizer(output)
-    else:
-        print(f"training a {vocab_size}-token SentencePiece tokenizer on {corpus.source}")
-        return train_tokenizer(iter_texts(corpus.train, TOKENIZER_MAX_ROWS), output, vocab_size)
-    tokenizer.save_pretrained(output)
-    return tokenizer
+@dataclass(frozen=True)
+class TrainingOptions:
+    """What a training run is told besides the model: data, optimisation and the run itself. Frozen: a caller
+    derives a variant with dataclasses.replace, and train() never changes it."""
+
+    output: str  # directory for checkpoints, the final model, results.json
+    # data
+    corpus: str | None = None  # text file, folder, .jsonl or saved dataset; None: the bundled corpus
+    text_field: str = "text"
+    streaming: bool = False  # stream the corpus (needs max_steps)
+    block_size: int = 128  # tokens per training sequence
+    held_out_fraction: float = 0.1
+    max_eval_blocks: int = 64  # held-out blocks scored at each evaluation
+    # optimisation
+    max_steps: int | None = None  # None: one pass over `epochs`
+    epochs: float = 1.0
+    batch_size: int = 16  # blocks per step and process
+    grad_accum: int = 1
+    lr: float = 3e-3
+    lr_scheduler: str = "cosine"
+    warmup: float = 0.05  # steps; a number below 1 is a share of all steps
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    # the run
+    eval_steps: int = 100
+    save_steps: int = 200
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    resume: bool = False  # continue from the last complete checkpoint in `output`
+    compile_neurons: bool = False  # fuse the neuron loops with torch.compile
+
+    def __post_init__(self):
+        if self.streaming and not self.max_steps:
+            raise SpikeLMError("--streaming needs --max-steps: a stream has no known length")
+
+    def training_arguments(self) -> TrainingArguments:
+        """Trainer's arguments for these options (making them sets up the processes under DDP)."""
+        cuda = torch.cuda.is_available()
+        return TrainingArguments(
+            output_dir=self.output,
+            max_steps=self.max_steps if self.max_steps else -1,
+            num_train_epochs=self.epochs,
+            per_device_train_batch_size=self.batch_size,
+            per_device_eval_batch_size=self.batch_size,
+            gradient_accumulation_steps=self.grad_accum,
+            learning_rate=self.lr,
+            lr_scheduler_type=self.lr_scheduler,
+            warmup_steps=self.warmup,
+            weight_decay=self.weight_decay,
+            adam_beta2=0.95,  # steadier with small batches
+            max_grad_norm=self.max_grad_norm,
+            bf16=cuda and torch.cuda.is_bf16_supported(),  # spikes are exact in bf16; fp16 overflows the membrane
+            use_cpu=not cuda,
+            eval_strategy="steps",
+            eval_steps=self.eval_steps,
+            eval_on_start=True,  # the untrained (or not yet fine-tuned) model's held-out loss, to compare with
+            prediction_loss_only=True,
+            save_strategy="steps",
+            save_steps=self.save_steps,
+            save_total_limit=self.save_total_limit,
+            logging_steps=self.logging_steps,
+            seed=self.seed,
+            data_seed=self.seed,
+            ddp_find_unused_parameters=False,
+            dataloader_num_workers=0,
+            report_to="none",
+        )
 
 
-def gpt2_config(settings: dict, tokenizer, block_size: int):
-    """A GPT-2 of the same width, depth, heads, MLP and vocabulary as a spikelm preset. No dropout: the
-    spiking model has none, and the comparison is at an equal, short training budget."""
-    from transformers import GPT2Config
-
-    return GPT2Config(vocab_size=len(tokenizer), n_embd=settings["hidden_size"], n_layer=settings["num_hidden_layers"],
-                      n_head=settings["num_attention_heads"], n_inner=settings.get("intermediate_size"),
-                      n_positions=max(1024, block_size), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id)
+# ================================================================ data and model
 
 
-def _build_model(args, settings: dict, tokenizer):
-    if args.model:  # fine-tuning: the saved weights, config and all
-        if not Path(args.model, "config.json").exists():
-            raise SpikeLMError(f"no saved model in {args.model}: pass --model a directory written by "
-                               f"`spikelm train` or save_pretrained")
-        model = AutoModelForCausalLM.from_pretrained(args.model)
-        if len(tokenizer) > model.config.vocab_size:
-            raise SpikeLMError(f"the tokenizer has {len(tokenizer)} tokens but the model {args.model} only "
-                               f"{model.config.vocab_size}: fine-tune with the model's own tokenizer")
-        return model
-    settings.pop("vocab_size")  # the tokenizer decides
-    if getattr(args, "arch", "spikelm") == "gpt2":
-        from transformers import GPT2LMHeadModel
+@dataclass
+class TrainingData:
+    """A corpus, its tokenizer and the packed blocks that training and evaluation read."""
 
-        return GPT2LMHeadModel(gpt2_config(settings, tokenizer, args.block_size))
-    for field in ("attention_type", "time_steps"):
-        if getattr(args, field) is not None:
-            settings[field] = getattr(args, field)
-    config = SpikeLMConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **settings)
-    from .modeling_spikelm import SpikeLMForCausalLM
-
-    return SpikeLMForCausalLM(config)
+    corpus: Corpus
+    tokenizer: object  # a Hugging Face tokenizer
+    blocks: Blocks
 
 
-def _training_arguments(args) -> TrainingArguments:
-    cuda = torch.cuda.is_available()
-    return TrainingArguments(
-        output_dir=args.output,
-        max_steps=args.max_steps if args.max_steps else -1,
-        num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr,
-        lr_scheduler_type=args.lr_scheduler,
-        warmup_steps=args.warmup,
-        weight_decay=args.weight_decay,
-        adam_beta2=0.95,  # steadier with small batches
-        max_grad_norm=args.max_grad_norm,
-        bf16=cuda and torch.cuda.is_bf16_supported(),  # spikes are exact in bf16; fp16 overflows the membrane
-        use_cpu=not cuda,
-        eval_strategy="steps",
-        eval_steps=args.eval_steps,
-        eval_on_start=True,  # the untrained (or not yet fine-tuned) model's held-out loss, to compare with
-        prediction_loss_only=True,
-        save_strategy="steps",
-        save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit,
-        logging_steps=args.logging_steps,
-        seed=args.seed,
-        data_seed=args.seed,
-        ddp_find_unused_parameters=False,
-        dataloader_num_workers=0,
-        report_to="none",
-    )
-
-
-# ================================================================ the `spikelm train` command
-
-
-def add_arguments(parser):
-    data = parser.add_argument_group("data")
-    data.add_argument("--corpus", default=None,
-                      help="text file, folder of text files, .jsonl file or dataset saved with save_to_disk "
-                           "(default: the bundled Tiny Shakespeare)")
-    data.add_argument("--text-field", default="text", help="text field of JSON records / dataset rows")
-    data.add_argument("--streaming", action="store_true",
-                      help="stream the corpus instead of loading it (large corpora; needs --max-steps)")
-    data.add_argument("--block-size", type=int, default=128, help="tokens per training sequence")
-    data.add_argument("--held-out-fraction", type=float, default=0.1, help="share of rows held out for evaluation")
-    data.add_argument("--max-eval-blocks", type=int, default=64, help="held-out blocks scored at each evaluation")
-
-    model = parser.add_argument_group("model")
-    model.add_argument("--output", required=True, help="directory for checkpoints and the final model")
-    model.add_argument("--preset", default=None, help=f"model size: {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
-    model.add_argument("--model", default=None, help="fine-tune this saved spikelm directory instead")
-    model.add_argument("--tokenizer", default=None,
-                       help="tokenizer directory (default: the model's, the output dir's, or a new one)")
-    model.add_argument("--vocab-size", type=int, default=None, help="size of a newly trained tokenizer "
-                                                                    "(default: the preset's)")
-    model.add_argument("--arch", choices=("spikelm", "gpt2"), default="spikelm",
-                       help="gpt2: a Hugging Face GPT2LMHeadModel of the preset's width, depth and heads, trained "
-                            "by the same pipeline (the ANN reference and default distillation teacher)")
-    model.add_argument("--attention-type", choices=("ssa", "sdsa"), default=None)
-    model.add_argument("--compile-neurons", action="store_true",
-                       help="fuse the neuron loops with torch.compile (faster steps after a one-off compilation)")
-    model.add_argument("--time-steps", type=int, default=None)
-
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--max-steps", type=int, default=None, help="optimiser steps (default: one epoch)")
-    optim.add_argument("--epochs", type=float, default=1.0)
-    optim.add_argument("--batch-size", type=int, default=16, help="blocks per step and process")
-    optim.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    optim.add_argument("--lr", type=float, default=3e-3)
-    optim.add_argument("--lr-scheduler", default="cosine")
-    optim.add_argument("--warmup", type=float, default=0.05, help="warm-up steps (a number < 1: a share of all)")
-    optim.add_argument("--weight-decay", type=float, default=0.01)
-    optim.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
-    optim.add_argument("--seed", type=int, default=0)
-
-    run_group = parser.add_argument_group("run")
-    run_group.add_argument("--eval-steps", type=int, default=100)
-    run_group.add_argument("--save-steps", type=int, default=200)
-    run_group.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept")
-    run_group.add_argument("--logging-steps", type=int, default=10)
-    run_group.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
-
-
-def run(args, callbacks=()) -> int:
-    """Train; `callbacks`: extra TrainerCallbacks (from Python)."""
-    train(args, callbacks)
-    return 0
-
-
-def train(args, callbacks=(), build_model=None, trainer_class=None, trainer_kwargs=None):
-    """The `spikelm train` pipeline; returns the Trainer after training and the final evaluation.
-
-    build_model(args, settings, tokenizer) replaces the default model (the ANN twin of `spikelm convert`);
-    trainer_class / trainer_kwargs replace SpikeLMTrainer (distillation)."""
-    if args.model and args.preset:
-        raise SpikeLMError("--preset and --model exclude each other: --model fine-tunes a saved model, whose size "
-                           "is fixed")
-    settings = preset(args.preset or DEFAULT_PRESET)  # an unknown name fails here, before any work
-    if args.streaming and not args.max_steps:
-        raise SpikeLMError("--streaming needs --max-steps: a stream has no known length")
-    output = Path(args.output)
-    training_args = _training_arguments(args)  # sets up the processes (DDP) too
-
+def prepare_data(options: TrainingOptions, tokenizer=None, vocab_size: int = 1024) -> TrainingData:
+    """Load the corpus and pack it into blocks. `tokenizer`: a tokenizer or a directory holding one; without
+    it, the one already in `options.output` (a resumed run), else a new SentencePiece tokenizer of `vocab_size`
+    tokens trained on the training part of the corpus. The tokenizer is saved into `options.output`."""
+    training_args = options.training_arguments()  # under DDP: rank 0 goes first where it writes
+    output = Path(options.output)
     with quiet_datasets():
-        corpus = load_corpus(args.corpus, args.text_field, args.held_out_fraction, args.streaming)
+        corpus = load_corpus(options.corpus, options.text_field, options.held_out_fraction, options.streaming)
         with training_args.main_process_first(desc="tokenizer"):  # rank 0 trains and saves, the others load it
-            tokenizer = _resolve_tokenizer(args, corpus, output, args.vocab_size or settings["vocab_size"])
+            if isinstance(tokenizer, (str, Path)):
+                tokenizer = load_tokenizer(tokenizer)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(output)
+            elif has_tokenizer(output):
+                tokenizer = load_tokenizer(output)
+            else:
+                print(f"training a {vocab_size}-token SentencePiece tokenizer on {corpus.source}")
+                tokenizer = train_tokenizer(iter_texts(corpus.train, TOKENIZER_MAX_ROWS), output, vocab_size)
         with training_args.main_process_first(desc="tokenising"):  # rank 0 fills the datasets cache
-            blocks = prepare_blocks(corpus, tokenizer, args.block_size, args.max_eval_blocks)
-    set_seed(args.seed)  # the same initial weights in every run and on every rank
-    if getattr(args, "compile_neurons", False):
+            blocks = prepare_blocks(corpus, tokenizer, options.block_size, options.max_eval_blocks)
+    return TrainingData(corpus, tokenizer, blocks)
+
+
+def build_config(preset_name: str, tokenizer, **overrides) -> SpikeLMConfig:
+    """A SpikeLMConfig of a preset's size for `tokenizer` (its vocabulary and special tokens); `overrides`:
+    config fields to change (attention_type, time_steps, ...), None values ignored."""
+    settings = preset(preset_name)
+    settings.pop("vocab_size")  # the tokenizer decides
+    settings.update({key: value for key, value in overrides.items() if value is not None})
+    return SpikeLMConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **settings)
+
+
+def gpt2_config(preset_name: str, tokenizer, block_size: int):
+    """The GPT-2 matched in parameters to the spikelm model of a preset (spikelm.references)."""
+    from .references import matched_gpt2_config
+
+    return matched_gpt2_config(build_config(preset_name, tokenizer), block_size)
+
+
+# ================================================================ training
+
+
+def train(config_or_model: PretrainedConfig | PreTrainedModel, data: TrainingData, options: TrainingOptions,
+          trainer_class=SpikeLMTrainer, trainer_kwargs=None, callbacks=()) -> Trainer:
+    """Train a model on `data`; save it, its tokenizer, trainer_state.json and results.json into
+    `options.output`; return the Trainer after training and a final evaluation.
+
+    config_or_model: a config (a new model with random weights, seeded by options.seed: the same on every
+    rank and in every run) or a model (fine-tuning). trainer_class / trainer_kwargs: a SpikeLMTrainer
+    subclass and its extra arguments (distillation); callbacks: extra TrainerCallbacks."""
+    training_args = options.training_arguments()  # sets up the processes (DDP) too
+    output = Path(options.output)
+    tokenizer, blocks = data.tokenizer, data.blocks
+    set_seed(options.seed)  # the same initial weights in every run and on every rank
+    if options.compile_neurons:
         from .neurons import enable_compiled_kernels
 
         enable_compiled_kernels()
-    model = (build_model or _build_model)(args, settings, tokenizer)
+    if isinstance(config_or_model, PretrainedConfig):
+        model = AutoModelForCausalLM.from_config(config_or_model)
+    else:
+        model = config_or_model
+    if len(tokenizer) > model.config.vocab_size:
+        raise SpikeLMError(f"the tokenizer has {len(tokenizer)} tokens but the model only "
+                           f"{model.config.vocab_size}: train it with the model's own tokenizer")
 
-    trainer = (trainer_class or SpikeLMTrainer)(
+    trainer = trainer_class(
         model=model, args=training_args, train_dataset=blocks.train, eval_dataset=blocks.held_out,
         processing_class=tokenizer, callbacks=list(callbacks), held_out_tokens=blocks.held_out_tokens,
         held_out_bytes=blocks.held_out_bytes, **(trainer_kwargs or {}))
     if model.config.model_type == "spikelm" and model.config.neuron_type != "qcfs":
         trainer.add_callback(EnergyCallback(trainer, blocks.held_out[0]["input_ids"]))
-    trainer.blocks = blocks  # for callers that evaluate more models on the same held-out blocks
 
-    checkpoint = get_last_checkpoint(args.output) if args.resume and output.is_dir() else None
-    if args.resume and checkpoint is None and trainer.is_world_process_zero():
-        print(f"no checkpoint in {args.output}: starting from the beginning")
+    checkpoint = get_last_checkpoint(options.output) if options.resume and output.is_dir() else None
+    if options.resume and checkpoint is None and trainer.is_world_process_zero():
+        print(f"no checkpoint in {options.output}: starting from the beginning")
     result = trainer.train(resume_from_checkpoint=checkpoint)
     metrics = trainer.evaluate()
     trainer.save_model()  # model (safetensors) + tokenizer, loadable with the Auto classes
     trainer.save_state()  # trainer_state.json: the log history
     if trainer.is_world_process_zero():
         first = next(entry for entry in trainer.state.log_history if "eval_bits_per_byte" in entry)
-        tokens_per_second = result.metrics.get("train_samples_per_second", 0.0) * args.block_size
+        tokens_per_second = result.metrics.get("train_samples_per_second", 0.0) * options.block_size
         summary = {**metrics, "train_tokens_per_second": tokens_per_second,
                    "start_eval_bits_per_byte": first["eval_bits_per_byte"], "global_step": trainer.state.global_step,
                    "world_size": training_args.world_size, "resumed_from": checkpoint}
@@ -308,5 +290,5 @@ def train(args, callbacks=(), build_model=None, trainer_class=None, trainer_kwar
                   if "eval_pj_per_token" in metrics else "")
         print(f"held-out bits per byte {metrics['eval_bits_per_byte']:.3f} (at the start "
               f"{first['eval_bits_per_byte']:.3f}), perplexity {metrics['eval_perplexity']:.2f}; "
-              f"{tokens_per_second:.0f} training tokens/s{energy}; saved to {args.output}")
+              f"{tokens_per_second:.0f} training tokens/s{energy}; saved to {options.output}")
     return trainer

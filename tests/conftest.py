@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny configs, a character tokenizer the tests make, the bundled corpus."""
+"""Shared fixtures: tiny configs, a character tokenizer the tests make, the bundled corpus (spikelm/corpus)."""
 
 import os
 from pathlib import Path
@@ -12,9 +12,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import spikelm  # noqa: E402  (registers the Auto classes)
 from spikelm import SpikeLMConfig  # noqa: E402
+from spikelm.data import default_corpus  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def tiny_config(attention_type="ssa", **overrides):
@@ -25,12 +25,8 @@ def tiny_config(attention_type="ssa", **overrides):
 
 
 def shakespeare_text(chars=20_000):
-    if SHAKESPEARE.exists():
-        return SHAKESPEARE.read_text(encoding="utf-8")[:chars]
-    # CI has ../shared beside the checkout; without it, a small text the test makes
-    lines = ["To be, or not to be, that is the question:", "Whether 'tis nobler in the mind to suffer",
-             "The slings and arrows of outrageous fortune,", "Or to take arms against a sea of troubles"]
-    return ("\n".join(lines) + "\n") * (chars // 170 + 1)
+    """The first `chars` characters of the corpus the package ships (None: all of it)."""
+    return default_corpus().read_text(encoding="utf-8")[:chars]
 
 
 def make_char_tokenizer(text):

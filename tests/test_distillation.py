@@ -4,7 +4,8 @@ import torch
 
 from spikelm import SpikeLMForCausalLM
 from spikelm.distillation import distillation_loss
-from conftest import tiny_config
+from conftest import shakespeare_text, tiny_config
+from helpers import spikelm
 
 
 def softmax(values, tau):
@@ -66,19 +67,7 @@ def test_a_few_distillation_steps_lower_the_kl_to_the_teacher():
     assert kl() < 0.7 * before
 
 
-# ---------------------------------------------------------------- the commands
-
-
-def _spikelm(*args):
-    import os
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "spikelm.cli", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=600, cwd=REPO)
+# ---------------------------------------------------------------- the commands (in this process)
 
 
 TINY = ["--preset", "tiny", "--block-size", "32", "--batch-size", "8", "--max-eval-blocks", "4",
@@ -90,18 +79,17 @@ def test_gpt2_teacher_distill_and_convert_commands(tmp_path):
 
     from transformers import AutoModelForCausalLM
 
-    from conftest import shakespeare_text
     from spikelm.conversion import is_spike_driven
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(shakespeare_text(30_000))
     teacher = tmp_path / "gpt2"
-    run = _spikelm("train", "--arch", "gpt2", "--corpus", corpus, "--output", teacher, "--max-steps", 8, *TINY)
+    run = spikelm("train", "--arch", "gpt2", "--corpus", corpus, "--output", teacher, "--max-steps", 8, *TINY)
     assert run.returncode == 0, run.stderr[-1500:]
     assert AutoModelForCausalLM.from_pretrained(teacher).config.model_type == "gpt2"
 
     student = tmp_path / "student"
-    run = _spikelm("distill", "--teacher", teacher, "--corpus", corpus, "--output", student, "--max-steps", 6,
+    run = spikelm("distill", "--teacher", teacher, "--corpus", corpus, "--output", student, "--max-steps", 6,
                    "--grad-accum", 2, "--alpha", 0.7, "--temperature", 2.0, *TINY)
     assert run.returncode == 0, run.stderr[-1500:]
     results = json.loads((student / "results.json").read_text())
@@ -109,7 +97,7 @@ def test_gpt2_teacher_distill_and_convert_commands(tmp_path):
     assert AutoModelForCausalLM.from_pretrained(student).config.model_type == "spikelm"
 
     converted = tmp_path / "converted"
-    run = _spikelm("convert", "--corpus", corpus, "--output", converted, "--max-steps", 8, *TINY)
+    run = spikelm("convert", "--corpus", corpus, "--output", converted, "--max-steps", 8, *TINY)
     assert run.returncode == 0, run.stderr[-1500:]
     report = json.loads((converted / "conversion.json").read_text())
     assert abs(report["gap_bits_per_byte"]) < 1.0 and report["time_steps"] == 2
@@ -118,18 +106,16 @@ def test_gpt2_teacher_distill_and_convert_commands(tmp_path):
 
 
 def test_a_teacher_with_another_vocabulary_is_refused(tmp_path):
-    from conftest import shakespeare_text
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(shakespeare_text(30_000))
-    teacher = tmp_path / "teacher"
-    run = _spikelm("train", "--arch", "gpt2", "--corpus", corpus, "--output", teacher, "--max-steps", 2,
-                   "--vocab-size", 512, *TINY)
-    assert run.returncode == 0, run.stderr[-1500:]
+    teacher = tmp_path / "teacher"  # a saved GPT-2 with a 512-token vocabulary (random weights: never run)
+    GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=32, n_layer=1, n_head=2)).save_pretrained(teacher)
     other = tmp_path / "other-tokenizer"
-    assert _spikelm("tokenizer", "--corpus", corpus, "--output", other, "--vocab-size", 400).returncode == 0
-    run = _spikelm("distill", "--teacher", teacher, "--tokenizer", other, "--corpus", corpus,
-                   "--output", tmp_path / "student", "--max-steps", 2, *TINY)
+    assert spikelm("tokenizer", "--corpus", corpus, "--output", other, "--vocab-size", 400).returncode == 0
+    run = spikelm("distill", "--teacher", teacher, "--tokenizer", other, "--corpus", corpus,
+                  "--output", tmp_path / "student", "--max-steps", 2, *TINY)
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
     assert "vocabulary" in lines[-1] and "Traceback" not in run.stderr

@@ -4,9 +4,6 @@ report against the model's own counters."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,8 +13,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from spikelm import SpikeLMForCausalLM, energy_report
 from spikelm.cli import main
 from spikelm.evaluation import encode, energy_evaluation, perplexity, recurrent_nll, sliding_window_nll
-from conftest import REPO, make_char_tokenizer, shakespeare_text, tiny_config
-from eval_helpers import save_tiny_model
+from conftest import make_char_tokenizer, shakespeare_text, tiny_config
+from helpers import save_tiny_model, spikelm
 
 TEXT = shakespeare_text(2000)[:400]
 
@@ -128,16 +125,13 @@ def test_energy_report_totals_equal_its_rows_and_the_models_own_counters(tokeniz
     assert sum(v["mac"] for v in report["ann_per_layer"].values()) == pytest.approx(report["ann_mac_per_token"])
 
 
-def test_energy_script_writes_json_markdown_and_png(tmp_path):
+def test_energy_command_writes_json_markdown_and_png(tmp_path):
     save_tiny_model(tmp_path / "model")
     data = tmp_path / "held_out.txt"
     data.write_text(shakespeare_text(3000), encoding="utf-8")
     out = tmp_path / "report" / "energy.json"
-    # the thin entry script, as a user runs it
-    done = subprocess.run([sys.executable, str(REPO / "eval" / "energy.py"), "--model", str(tmp_path / "model"),
-                           "--data", str(data), "--tokens", "256", "--e-ac", "1.0", "--e-mac", "5.0",
-                           "--output", str(out)], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    done = spikelm("eval", "energy", "--model", tmp_path / "model", "--data", data, "--tokens", 256,
+                   "--e-ac", 1.0, "--e-mac", 5.0, "--output", out)
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text())
     assert report["e_ac_pj"] == 1.0 and report["e_mac_pj"] == 5.0 and report["tokens"] == 256

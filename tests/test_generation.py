@@ -1,21 +1,16 @@
-"""`spikelm generate`: text and energy per token from a model that `spikelm train` saved."""
+"""`spikelm generate`: text and energy per token from a saved model (a random tiny one: what is tested is the
+command, not what the model learned)."""
 
 import json
 import re
 
 import pytest
-from conftest import shakespeare_text
-from test_training import TINY, spikelm
+from helpers import save_tiny_model, spikelm
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    corpus = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    corpus.write_text(shakespeare_text(20_000), encoding="utf-8")
-    output = tmp_path_factory.mktemp("model")
-    run = spikelm("train", "--corpus", corpus, "--output", output, "--max-steps", 30, *TINY)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return output
+    return save_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 def test_generate_prints_text_and_energy_per_token(model_dir):

@@ -13,9 +13,10 @@ import sys
 import pytest
 import torch
 
-from spikelm.evaluation import load_model, perplexity
+from spikelm.evaluation import perplexity
+from spikelm.loading import load_model_and_tokenizer
 from conftest import REPO
-from eval_helpers import save_tiny_model
+from helpers import save_tiny_model
 
 pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'spikelm[eval]')")
 
@@ -42,7 +43,7 @@ def test_lm_eval_runs_offline_on_local_tasks(tmp_path):
     assert 0 <= choice["acc,none"] <= 1 and 0 <= choice["acc_norm,none"] <= 1
 
     # the same passages through spikelm's own evaluation: bits per byte over the three, summed nats / bytes
-    model, tokenizer = load_model(tmp_path / "model")
+    model, tokenizer = load_model_and_tokenizer(tmp_path / "model")
     docs = [json.loads(line)["text"] for line in
             (REPO / "eval/tasks/data/shakespeare_heldout.jsonl").read_text().splitlines()[:LIMIT]]
     with torch.no_grad():

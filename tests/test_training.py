@@ -1,5 +1,7 @@
 """`spikelm train`, run as a real command: from scratch, fine-tuning, resuming after SIGKILL, two processes
-under `accelerate launch`, and bad input. Tiny preset and tiny corpora: each run takes seconds."""
+under `accelerate launch`, and bad input. Tiny preset and tiny corpora: each run takes seconds. The command
+runs in this process (helpers.spikelm) except where a fresh interpreter is the point: a process killed
+mid-run, and two processes under accelerate."""
 
 import json
 import os
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, shakespeare_text
+from helpers import spikelm
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -29,7 +32,8 @@ CHECKPOINT_FILES = ("model.safetensors", "optimizer.pt", "scheduler.pt", "traine
                     "tokenizer.json")
 
 
-def spikelm(*args, timeout=300):
+def spikelm_process(*args, timeout=300):
+    """`python -m spikelm.cli ARGS...` in a process of its own."""
     return subprocess.run([sys.executable, "-m", "spikelm.cli", *map(str, args)], capture_output=True, text=True,
                           env=ENV, timeout=timeout, cwd=REPO)
 
@@ -111,7 +115,7 @@ def _complete(checkpoint):
 def test_resume_after_sigkill_ends_like_an_uninterrupted_run(corpus_a, tmp_path):
     steps = ["--max-steps", 120, "--save-steps", 10, "--save-total-limit", 3]
     whole = tmp_path / "whole"
-    assert spikelm("train", "--corpus", corpus_a, "--output", whole, *steps, *TINY).returncode == 0
+    assert spikelm_process("train", "--corpus", corpus_a, "--output", whole, *steps, *TINY).returncode == 0
 
     killed = tmp_path / "killed"
     process = subprocess.Popen([sys.executable, "-m", "spikelm.cli", "train", "--corpus", str(corpus_a), "--output",
@@ -131,7 +135,7 @@ def test_resume_after_sigkill_ends_like_an_uninterrupted_run(corpus_a, tmp_path)
     staged.mkdir(parents=True, exist_ok=True)
     (staged / "model.safetensors").write_bytes(b"half")
 
-    run = spikelm("train", "--corpus", corpus_a, "--output", killed, *steps, *TINY, "--resume")
+    run = spikelm_process("train", "--corpus", corpus_a, "--output", killed, *steps, *TINY, "--resume")
     assert run.returncode == 0, run.stderr[-3000:]
     summary = results(killed)
     assert summary["resumed_from"] == str(last)
@@ -146,7 +150,7 @@ RANK_REPORT = textwrap.dedent("""
     from pathlib import Path
     import torch.distributed as dist
     from transformers import TrainerCallback
-    from spikelm import cli, training
+    from spikelm.training import TrainingOptions, build_config, prepare_data, train
 
     class RankReport(TrainerCallback):
         def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -155,8 +159,12 @@ RANK_REPORT = textwrap.dedent("""
                       "weights": hashlib.sha256(weights).hexdigest()}
             Path(sys.argv[1], f"rank-{dist.get_rank()}.json").write_text(json.dumps(report))
 
-    args = cli.build_parser(only="train").parse_args(["train", *sys.argv[2:]])
-    sys.exit(training.run(args, callbacks=[RankReport()]))
+    # the library's entry points, as a user's own training script calls them
+    corpus, output, steps = sys.argv[2:5]
+    options = TrainingOptions(output=output, corpus=corpus, max_steps=int(steps), block_size=32, batch_size=8,
+                              max_eval_blocks=8, logging_steps=10, eval_steps=1000)
+    data = prepare_data(options, vocab_size=384)
+    train(build_config("tiny", data.tokenizer), data, options, callbacks=[RankReport()])
 """)
 
 
@@ -174,8 +182,7 @@ def test_two_processes_under_accelerate_launch(corpus_a, tmp_path):
     accelerate = Path(sys.executable).parent / "accelerate"
     run = subprocess.run([str(accelerate), "launch", "--config_file", str(REPO / "train/accelerate/cpu_ddp.yaml"),
                           "--num_cpu_threads_per_process", "1", "--main_process_port", str(_free_port()),
-                          str(script), str(reports), "--corpus", str(corpus_a), "--output", str(tmp_path / "out"),
-                          "--max-steps", "6", *TINY], capture_output=True, text=True, env=ENV, timeout=300,
+                          str(script), str(reports), str(corpus_a), str(tmp_path / "out"), "6"], capture_output=True, text=True, env=ENV, timeout=300,
                          cwd=REPO)
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [json.loads(p.read_text()) for p in sorted(reports.glob("rank-*.json"))]

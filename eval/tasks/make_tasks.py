@@ -1,4 +1,4 @@
-"""Write the local lm-evaluation-harness task data from Tiny Shakespeare's held-out tenth.
+"""Write the local lm-evaluation-harness task data from the held-out tenth of the bundled Tiny Shakespeare.
 
     python eval/tasks/make_tasks.py            # writes eval/tasks/data/*.jsonl (deterministic)
 
@@ -15,9 +15,9 @@ import json
 import random
 from pathlib import Path
 
+from spikelm.data import default_corpus
+
 HERE = Path(__file__).resolve().parent
-CORPUS = HERE.parents[2] / "shared" / "data" / "tinyshakespeare.txt"
-BUNDLED = HERE.parents[1] / "spikelm" / "corpus" / "tinyshakespeare.txt"
 
 
 def held_out_lines(text, fraction=0.1):
@@ -63,7 +63,7 @@ def write_jsonl(path, rows):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", default=str(CORPUS if CORPUS.exists() else BUNDLED))
+    parser.add_argument("--corpus", default=str(default_corpus()), help="default: the corpus spikelm ships")
     parser.add_argument("--output", default=str(HERE / "data"))
     args = parser.parse_args()
     lines = held_out_lines(Path(args.corpus).read_text(encoding="utf-8"))

@@ -7,5 +7,5 @@ engine.py    the generation engine: one thread batches the decode steps of all a
 prefix_cache.py  the prefix-state cache: prompt states by token prefix (a radix tree), an LRU bounded in bytes
 app.py       create_app(): the FastAPI app, model loaded in its lifespan
 server.py    serve(): uvicorn with the settings' connection cap and a shutdown that drains, then ends cleanly
-cli.py       `spikelm serve`
+(`spikelm serve` is spikelm/cli/serve.py)
 """

@@ -14,14 +14,18 @@ import re
 import time
 import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from jinja2 import TemplateError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..loading import load_model_and_tokenizer
+from ..tokenizer import CHAT_TEMPLATE
 from . import schemas
 from .engine import Engine, EngineBusy, EngineStopped, SamplingParams
 from .metrics import CONTENT_TYPE, ServerMetrics
@@ -29,12 +33,11 @@ from .settings import ServeSettings
 
 logger = logging.getLogger("spikelm.serving")
 
-# Used when the tokenizer has no chat template of its own: "role: content" lines, then "assistant:".
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ROUTES = ("/", "/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+# The playground page (GET /): static files shipped in the package; it loads nothing from anywhere else.
+STATIC_DIR = Path(__file__).parent / "static"
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
 class APIError(Exception):
@@ -124,18 +127,6 @@ class RequestGate:
             if status is not None:
                 endpoint = scope["path"] if scope["path"] in ROUTES else "other"
                 self.metrics.requests.labels(endpoint, str(status)).inc()
-
-
-# ================================================================ loading
-
-
-def load_model_and_tokenizer(path):
-    import spikelm  # noqa: F401  (registers the Auto classes)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    return model, tokenizer
 
 
 # ================================================================ request parsing
@@ -266,6 +257,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return {"status": "ok", "active_sequences": engine.active_count, "queue_depth": engine.waiting_count}
 
+    @app.get("/")
+    async def playground():  # the page needs no key; the API calls it makes send the one typed into it
+        return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
     @app.get("/metrics")
     async def metrics():
         return Response(app.state.metrics.render(), media_type=CONTENT_TYPE)
@@ -339,7 +336,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     def encode_chat(messages, request_id):
         tokenizer = app.state.tokenizer
         conversation = [{"role": m.role, "content": m.text()} for m in messages]
-        template = None if getattr(tokenizer, "chat_template", None) else DEFAULT_CHAT_TEMPLATE
+        template = None if getattr(tokenizer, "chat_template", None) else CHAT_TEMPLATE  # spikelm's own
         try:
             text = tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False,
                                                  add_generation_prompt=True)
@@ -466,7 +463,8 @@ def make_usage(usage) -> schemas.Usage:
 
 def token_energy(event) -> schemas.TokenEnergy:
     e = event.energy
-    return schemas.TokenEnergy(pj=event.pj, ac=e.ac, mac=e.mac, firing_rate=e.firing_rate)
+    return schemas.TokenEnergy(pj=event.pj, ac=e.ac, mac=e.mac, firing_rate=e.firing_rate,
+                               firing_rate_per_layer=event.firing_rate_per_layer, gpt2_pj=event.gpt2_pj)
 
 
 class Reply:

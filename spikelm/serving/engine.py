@@ -154,6 +154,8 @@ class SequenceEvent:
     token_id: int | None = None
     energy: EnergyCounts | None = None
     pj: float = 0.0
+    firing_rate_per_layer: dict[str, float] | None = None  # of the forward pass that made the token
+    gpt2_pj: float = 0.0  # the same-shape GPT-2 doing that forward pass's work (with a KV cache)
     finish_reason: str | None = None  # "stop", "length"; None while generating
     usage: RequestUsage | None = None
     error: str | None = None
@@ -186,6 +188,7 @@ class Sequence:
         self.cached_tokens = 0  # prompt tokens resumed from the prefix cache
         self.snapshot_at = 0  # a prompt length at which to keep a snapshot (where it parts from a cached key)
         self.prompt_energy = EnergyCounts()
+        self.prompt_layer_spikes: dict[str, float] = {}  # by layer: firing rate x tokens, summed over chunks
 
     def cancel(self):
         """Called from any thread: the engine drops the sequence at its next step."""
@@ -193,18 +196,6 @@ class Sequence:
 
 
 # ================================================================ the engine
-
-
-def _concat_caches(batch, new):
-    """Append the rows of cache `new` to cache `batch` (in place); returns the batched cache."""
-    if batch is None:
-        return new
-    for layer, extra in zip(batch.layers, new.layers):
-        layer.attention_state = torch.cat([layer.attention_state, extra.attention_state], dim=1)
-        layer.previous_spikes = torch.cat([layer.previous_spikes, extra.previous_spikes], dim=1)
-        layer.decay_sum = torch.cat([layer.decay_sum, extra.decay_sum], dim=0)
-    batch.seen_tokens = max(batch.seen_tokens, new.seen_tokens)  # > 0 selects the recurrent form
-    return batch
 
 
 def _failure(sequence) -> SequenceEvent:
@@ -381,11 +372,13 @@ class Engine:
                 continue
             if logits is None:
                 continue
-            finished = self._accept(sequence, logits, sequence.prompt_energy)
+            # the prompt's firing rate by layer over its chunks (each layer's neuron steps grow with the tokens)
+            rates = {layer: spikes / sequence.tokens_processed for layer, spikes in sequence.prompt_layer_spikes.items()}
+            finished = self._accept(sequence, logits, sequence.prompt_energy, rates)
             with self._wakeup:  # from prefilling to active in one move: submit() never sees the slot free
                 self._prefilling.remove(sequence)
                 if not finished:
-                    self._cache = _concat_caches(self._cache, sequence.cache)
+                    self._cache = sequence.cache if self._cache is None else self._cache.append_rows(sequence.cache)
                     self._active.append(sequence)
             sequence.cache = None
 
@@ -401,6 +394,8 @@ class Engine:
         sequence.prefilled += chunk
         sequence.tokens_processed += chunk
         sequence.prompt_energy += counter.row(0)
+        for layer, rate in counter.row_firing_rate_per_layer(0).items():
+            sequence.prompt_layer_spikes[layer] = sequence.prompt_layer_spikes.get(layer, 0.0) + rate * chunk
         self.prefill_chunks += 1
         if sequence.prefilled in self._snapshot_points(sequence):
             self.prefix_cache.insert(sequence.prompt_ids[:sequence.prefilled], sequence.cache)
@@ -427,7 +422,8 @@ class Engine:
         keep = []
         for row, sequence in enumerate(batch):
             sequence.tokens_processed += 1
-            if not self._accept(sequence, output.logits[row, -1], counter.row(row)):
+            if not self._accept(sequence, output.logits[row, -1], counter.row(row),
+                                counter.row_firing_rate_per_layer(row)):
                 keep.append(row)
         self._keep_rows(keep)
 
@@ -445,11 +441,9 @@ class Engine:
         if not keep:
             self._cache = None
             return
-        index = torch.tensor(keep, dtype=torch.long)
-        for layer in self._cache.layers:
-            layer.batch_select_indices(index)
+        self._cache.select_rows(torch.tensor(keep, dtype=torch.long))
 
-    def _accept(self, sequence, logits, energy: EnergyCounts) -> bool:
+    def _accept(self, sequence, logits, energy: EnergyCounts, firing_rate_per_layer=None) -> bool:
         """Sample the next token from logits [V], tell the request; returns True when the sequence is done
         (finished, or failed: a failure here is this sequence's alone)."""
         try:
@@ -469,7 +463,8 @@ class Engine:
         if finish == "length" or token in self.eos_ids:
             delta += sequence.text.flush()  # nothing more is coming: send what was held back
         event = SequenceEvent(text=delta, token_id=token, energy=energy,
-                              pj=energy.picojoules(self.e_ac_pj, self.e_mac_pj), finish_reason=finish)
+                              pj=energy.picojoules(self.e_ac_pj, self.e_mac_pj), finish_reason=finish,
+                              firing_rate_per_layer=firing_rate_per_layer, gpt2_pj=self._gpt2_pj(energy))
         if finish is not None:
             sequence.finished = True
             event.usage = self._usage(sequence)
@@ -481,14 +476,18 @@ class Engine:
         self.failed_total += 1
         self._emit(sequence, _failure(sequence))
 
-    def _usage(self, sequence) -> RequestUsage:
-        energy = sequence.energy
+    def _gpt2_pj(self, energy: EnergyCounts) -> float:
+        """The same-shape GPT-2 doing the work `energy` counts (its MACs are linear in tokens, logits and
+        context, so the shares of a request's forward passes add up to the request's)."""
         reference = gpt2_reference_counts(self.config, energy.tokens, logits=energy.logits, context=energy.context)
+        return self.e_mac_pj * reference["total"]
+
+    def _usage(self, sequence) -> RequestUsage:
         return RequestUsage(prompt_tokens=len(sequence.prompt_ids), completion_tokens=len(sequence.generated),
                             energy=sequence.energy, tokens_processed=sequence.tokens_processed,
                             cached_tokens=sequence.cached_tokens,
                             pj=sequence.energy.picojoules(self.e_ac_pj, self.e_mac_pj),
-                            gpt2_pj=self.e_mac_pj * reference["total"])
+                            gpt2_pj=self._gpt2_pj(sequence.energy))
 
     def _emit(self, sequence, event):
         try:

@@ -65,12 +65,3 @@ class ServeSettings:
         self.default_max_tokens = min(self.default_max_tokens, self.max_tokens)
         if self.served_model_name is None:
             self.served_model_name = Path(self.model).resolve().name or "spikelm"
-
-    def check_model_dir(self):
-        """Fail with a clear message before the server starts, not inside its lifespan."""
-        path = Path(self.model)
-        if not path.is_dir():
-            raise SpikeLMError(f"serve: model directory {self.model} does not exist "
-                               "(train one with `spikelm train`, or pass --model DIR)")
-        if not (path / "config.json").exists():
-            raise SpikeLMError(f"serve: {self.model} holds no config.json: not a saved model directory")

@@ -1,4 +1,4 @@
-"""Helpers for the serving tests: a tiny saved model and a real uvicorn server on a loopback port."""
+"""Helpers for the serving tests: a real uvicorn server on a loopback port, and reading what it serves."""
 
 import socket
 import threading
@@ -6,26 +6,10 @@ import time
 from contextlib import contextmanager
 
 import httpx
-import torch
 
-from conftest import make_char_tokenizer, shakespeare_text, tiny_config
-from spikelm import SpikeLMForCausalLM
 from spikelm.serving.app import create_app
 from spikelm.serving.server import DrainingServer, uvicorn_config
 from spikelm.serving.settings import ServeSettings
-
-
-def save_tiny_model(directory, seed=0, **overrides):
-    """A random tiny spikelm and a character tokenizer saved side by side, as the quickstart does."""
-    torch.manual_seed(seed)
-    tokenizer = make_char_tokenizer(shakespeare_text() + "é€😀")  # multi-byte characters too
-    settings = dict(vocab_size=len(tokenizer), hidden_size=64, num_attention_heads=4, num_hidden_layers=2,
-                    eos_token_id=tokenizer.eos_token_id)
-    settings.update(overrides)
-    model = SpikeLMForCausalLM(tiny_config(**settings))
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 @contextmanager

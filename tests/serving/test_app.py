@@ -9,7 +9,8 @@ import httpx
 import openai
 import pytest
 
-from serving_helpers import metric, running_server, save_tiny_model, stream_completion
+from helpers import save_tiny_model
+from serving_helpers import metric, running_server, stream_completion
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -13,7 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from serving_helpers import metric, running_server, save_tiny_model
+from helpers import save_tiny_model
+from serving_helpers import metric, running_server
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -15,7 +15,8 @@ import pytest
 
 import spikelm.serving.app as app_module
 import spikelm.serving.engine as engine_module
-from serving_helpers import metric, running_server, save_tiny_model, server_handle, stream_completion
+from helpers import save_tiny_model
+from serving_helpers import metric, running_server, server_handle, stream_completion
 
 pytestmark = pytest.mark.timeout(180)
 

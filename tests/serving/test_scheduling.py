@@ -9,7 +9,8 @@ import time
 import httpx
 import pytest
 
-from serving_helpers import metric, running_server, save_tiny_model
+from helpers import save_tiny_model
+from serving_helpers import metric, running_server
 from spikelm.serving.app import load_model_and_tokenizer
 from spikelm.serving.engine import Engine, SamplingParams
 

@@ -1,9 +1,12 @@
-"""`spikelm serve --model DIR`: the OpenAI-compatible HTTP server (uvicorn)."""
+"""`spikelm serve --model DIR`: the OpenAI-compatible HTTP server (uvicorn).
+
+    spikelm serve --model runs/quickstart --port 8000 [--api-key KEY]
+"""
 
 import argparse
 import logging
 
-from .settings import ServeSettings
+from ..serving.settings import ServeSettings
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -39,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 
 def run(args) -> int:
-    from .server import serve
+    from ..loading import require_saved_model
+    from ..serving.server import serve
 
     settings_kwargs = dict(model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
                            max_batch=args.max_batch, max_queue=args.max_queue,
@@ -51,7 +55,7 @@ def run(args) -> int:
     if args.api_key:
         settings_kwargs["api_key"] = args.api_key
     settings = ServeSettings(**settings_kwargs)
-    settings.check_model_dir()
+    require_saved_model(settings.model)  # a clear message before the server starts, not in its lifespan
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     serve(settings, log_level=args.log_level)
     return 0

@@ -1,0 +1,106 @@
+"""`spikelm train`: train a spikelm model from scratch (a preset) or fine-tune a saved one.
+
+    spikelm train --output runs/small                       # the bundled corpus, the `small` preset
+    spikelm train --corpus my.jsonl --output runs/mine --preset tiny --max-steps 200
+    spikelm train --model runs/small --corpus other.txt --output runs/tuned   # fine-tuning
+    accelerate launch --config_file train/accelerate/ddp.yaml -m spikelm.cli train ...   # several processes
+"""
+
+from ..errors import SpikeLMError
+from ..presets import PRESETS
+
+DEFAULT_PRESET = "small"
+
+
+def add_arguments(parser):
+    data = parser.add_argument_group("data")
+    data.add_argument("--corpus", default=None,
+                      help="text file, folder of text files, .jsonl file or dataset saved with save_to_disk "
+                           "(default: the bundled Tiny Shakespeare)")
+    data.add_argument("--text-field", default="text", help="text field of JSON records / dataset rows")
+    data.add_argument("--streaming", action="store_true",
+                      help="stream the corpus instead of loading it (large corpora; needs --max-steps)")
+    data.add_argument("--block-size", type=int, default=128, help="tokens per training sequence")
+    data.add_argument("--held-out-fraction", type=float, default=0.1, help="share of rows held out for evaluation")
+    data.add_argument("--max-eval-blocks", type=int, default=64, help="held-out blocks scored at each evaluation")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--output", required=True, help="directory for checkpoints and the final model")
+    model.add_argument("--preset", default=None, help=f"model size: {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
+    model.add_argument("--model", default=None, help="fine-tune this saved spikelm directory instead")
+    model.add_argument("--tokenizer", default=None,
+                       help="tokenizer directory (default: the model's, the output dir's, or a new one)")
+    model.add_argument("--vocab-size", type=int, default=None, help="size of a newly trained tokenizer "
+                                                                    "(default: the preset's)")
+    model.add_argument("--arch", choices=("spikelm", "gpt2"), default="spikelm",
+                       help="gpt2: a Hugging Face GPT2LMHeadModel of the preset's width, depth and heads, trained "
+                            "by the same pipeline (the ANN reference and default distillation teacher)")
+    model.add_argument("--attention-type", choices=("ssa", "sdsa"), default=None)
+    model.add_argument("--compile-neurons", action="store_true",
+                       help="fuse the neuron loops with torch.compile (faster steps after a one-off compilation)")
+    model.add_argument("--time-steps", type=int, default=None)
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--max-steps", type=int, default=None, help="optimiser steps (default: one epoch)")
+    optim.add_argument("--epochs", type=float, default=1.0)
+    optim.add_argument("--batch-size", type=int, default=16, help="blocks per step and process")
+    optim.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    optim.add_argument("--lr", type=float, default=3e-3)
+    optim.add_argument("--lr-scheduler", default="cosine")
+    optim.add_argument("--warmup", type=float, default=0.05, help="warm-up steps (a number < 1: a share of all)")
+    optim.add_argument("--weight-decay", type=float, default=0.01)
+    optim.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    optim.add_argument("--seed", type=int, default=0)
+
+    run_group = parser.add_argument_group("run")
+    run_group.add_argument("--eval-steps", type=int, default=100)
+    run_group.add_argument("--save-steps", type=int, default=200)
+    run_group.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept")
+    run_group.add_argument("--logging-steps", type=int, default=10)
+    run_group.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+
+
+def training_options(args, **changes):
+    """The TrainingOptions the parsed flags describe (`changes`: fields set otherwise, such as the output)."""
+    from dataclasses import fields
+
+    from ..training import TrainingOptions
+
+    values = {f.name: getattr(args, f.name) for f in fields(TrainingOptions)}
+    values.update(changes)
+    return TrainingOptions(**values)
+
+
+def check_preset(args) -> str:
+    """The preset's name; --preset with --model is a contradiction, an unknown name fails before any work."""
+    from ..presets import preset
+
+    if args.model and args.preset:
+        raise SpikeLMError("--preset and --model exclude each other: --model fine-tunes a saved model, whose size "
+                           "is fixed")
+    name = args.preset or DEFAULT_PRESET
+    preset(name)
+    return name
+
+
+def vocab_size(args, preset_name) -> int:
+    from ..presets import preset
+
+    return args.vocab_size or preset(preset_name)["vocab_size"]
+
+
+def run(args) -> int:
+    from ..loading import load_model
+    from ..training import build_config, gpt2_config, prepare_data, train
+
+    preset_name = check_preset(args)
+    options = training_options(args)
+    model = load_model(args.model) if args.model else None  # fine-tuning: the saved weights, config and all
+    data = prepare_data(options, tokenizer=args.tokenizer or args.model, vocab_size=vocab_size(args, preset_name))
+    if model is None and args.arch == "gpt2":
+        model = gpt2_config(preset_name, data.tokenizer, args.block_size)
+    elif model is None:
+        model = build_config(preset_name, data.tokenizer, attention_type=args.attention_type,
+                             time_steps=args.time_steps)
+    train(model, data, options)
+    return 0
