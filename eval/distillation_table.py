@@ -46,8 +46,7 @@ def _energy(directory, input_ids):
     model = load_model(directory)
     config = model.config
     if config.model_type != "spikelm":  # the ANN reference: all MACs
-        macs = gpt2_reference_counts(config.n_embd, config.n_layer, config.vocab_size, input_ids.shape[1],
-                                     config.n_inner)["total"]
+        macs = gpt2_reference_counts(config, input_ids.shape[1])["total"]
         return {"pj_per_token": E_MAC_PJ * macs / input_ids.shape[1], "firing_rate": None}
     if config.neuron_type == "qcfs":
         return {"pj_per_token": None, "firing_rate": None}  # an ANN: its matrices get real values

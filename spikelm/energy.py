@@ -19,11 +19,14 @@ attention products. It leaves out GPT-2's norms, softmax and GELU, so the compar
 Hooks and `counter` attributes only collect counts; the arithmetic lives in the rule functions.
 """
 
-from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .modeling_spikelm import SpikeLMAttention, SpikeLMBlock, SpikeLMForCausalLM, SpikeLMModel, SpikeLMRMSNorm
+from .neurons import SpikingNeuron
 
 E_AC_PJ = 0.9
 E_MAC_PJ = 4.6
@@ -103,18 +106,24 @@ def head_average_ops(vocab_size: int, tokens: int) -> tuple[int, int]:
     return 0, vocab_size * tokens
 
 
-def gpt2_reference_counts(hidden_size, num_layers, vocab_size, tokens, intermediate_size=None):
-    """MACs of a same-shape GPT-2 processing a sequence of `tokens` tokens with causal softmax attention.
+def gpt2_reference_counts(config, tokens, logits=None, context=None):
+    """MACs of a same-shape GPT-2 (the width, depth, vocabulary and MLP of `config`) doing the work of one
+    sequence of `tokens` real tokens with causal softmax attention and a KV cache.
 
-    Per token and layer: Q, K, V and output projections 4 D^2, MLP 2 D * inner. Attention at position i
-    (0-based): q.k over i+1 keys (D MACs each) and the weighted sum of i+1 values (D MACs each).
-    The LM head: V * D per token. Norms, softmax and GELU are left out (in GPT-2's favour).
-    Returns a dict of MACs for the whole sequence.
+    logits: positions whose logits it computes (default: every token; generate() keeps the last one of a
+    prompt); context: the sum of the tokens' 1-based positions (default: one sequence, tokens (tokens + 1) / 2).
+    Per token and layer: Q, K, V and output projections 4 D^2, MLP 2 D * inner. Attention at position p
+    (1-based): q.k over p keys (D MACs each) and the weighted sum of p values (D MACs each).
+    The LM head: V * D per logit. Norms, softmax and GELU are left out (in GPT-2's favour).
+    Returns a dict of MACs.
     """
-    inner = intermediate_size or 4 * hidden_size
-    weights = tokens * num_layers * (4 * hidden_size * hidden_size + 2 * hidden_size * inner)
-    attention = num_layers * 2 * hidden_size * (tokens * (tokens + 1) // 2)
-    head = tokens * vocab_size * hidden_size
+    D, L, V = config.hidden_size, config.num_hidden_layers, config.vocab_size  # a GPT2Config maps these too
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * D
+    logits = tokens if logits is None else logits
+    context = tokens * (tokens + 1) // 2 if context is None else context
+    weights = tokens * L * (4 * D * D + 2 * D * inner)
+    attention = L * 2 * D * context
+    head = logits * V * D
     return {"weights": weights, "attention": attention, "head": head, "total": weights + attention + head}
 
 
@@ -125,59 +134,114 @@ def picojoules(ac, mac, e_ac=E_AC_PJ, e_mac=E_MAC_PJ):
 # ================================================================ collecting
 
 
+@dataclass
+class EnergyCounts:
+    """Exact counts of the work done for one sequence (one batch row), or summed over several.
+
+    tokens: real positions processed; logits: real positions whose logits were computed; context: the sum over
+    real positions of their 1-based position in their sequence (what softmax attention's cost grows with).
+    """
+
+    ac: int = 0
+    mac: int = 0
+    spikes: int = 0
+    neuron_steps: int = 0
+    tokens: int = 0
+    logits: int = 0
+    context: int = 0
+
+    def __iadd__(self, other):
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        return self
+
+    def picojoules(self, e_ac=E_AC_PJ, e_mac=E_MAC_PJ) -> float:
+        return picojoules(self.ac, self.mac, e_ac, e_mac)
+
+    @property
+    def firing_rate(self) -> float:
+        return self.spikes / self.neuron_steps if self.neuron_steps else 0.0
+
+
 def _is_binary(x):
     return not bool(((x != 0) & (x != 1)).any())
 
 
-class EnergyCounter:
-    """Collects exact operation counts per (layer, kind), spikes and neuron-steps per layer, and tokens."""
+def _nonzeros_per_row(x, batch_dim=1):
+    """Non-zeros of each batch row of x -> [B] int64."""
+    return torch.count_nonzero(x.movedim(batch_dim, 0).reshape(x.shape[batch_dim], -1), dim=1)
 
-    def __init__(self):
-        self.ac = defaultdict(int)
-        self.mac = defaultdict(int)
-        self.spikes = defaultdict(int)
-        self.neuron_steps = defaultdict(int)
-        self.tokens = 0
+
+class EnergyCounter:
+    """Collects exact counts per batch row: operations per (layer, kind), spikes and neuron-steps per layer,
+    real tokens, computed logits and positions. Every figure of the report is a sum over rows; `row(i)` gives
+    one sequence's counts (the serving engine batches many sequences in one forward).
+
+    positions: tokens each row has already processed before the counter starts (a decode step continues
+    sequences whose earlier forwards another counter saw); a forward with no state to continue starts its
+    rows' sequences afresh.
+    """
+
+    def __init__(self, positions=None):
+        self.counts = {}  # (quantity, layer, kind) -> int64 [rows]; layer and kind are None where not per layer
         self.labels = {}  # module -> layer label
         self.config = None
+        self._position = torch.as_tensor(positions if positions is not None else [], dtype=torch.int64)
+        self._mask = None  # [B, n] real positions of the last forward
 
     def reset(self):
-        self.ac.clear(), self.mac.clear(), self.spikes.clear(), self.neuron_steps.clear()
-        self.tokens = 0
+        self.counts.clear()
+        self._position = torch.zeros(0, dtype=torch.int64)
 
-    def add(self, layer, kind, ops):
+    def _add(self, key, per_row, rows):
+        """Add per-row counts (an int, the same for each row, or an int64 tensor [rows]) under `key`."""
+        values = torch.as_tensor(per_row).to("cpu", torch.int64).expand(rows)
+        stored = self.counts.get(key)
+        if stored is None or len(stored) < rows:  # a wider batch than before: more rows
+            grown = torch.zeros(rows, dtype=torch.int64)
+            if stored is not None:
+                grown[:len(stored)] = stored
+            stored = grown
+        stored[:rows] += values
+        self.counts[key] = stored
+
+    def add(self, layer, kind, ops, rows=1):
         ac, mac = ops
-        self.ac[(layer, kind)] += int(ac)
-        self.mac[(layer, kind)] += int(mac)
+        self._add(("ac", layer, kind), ac, rows)
+        self._add(("mac", layer, kind), mac, rows)
 
-    # --- called by hooks and by the modules' `counter` attribute
+    # --- called by hooks and by the modules' `counter` attribute; tensors are [T, B, n, ...] (batch in dim 1)
     def linear(self, module, inputs, output):
         x = inputs[0]
+        rows = x.shape[1]
         if _is_binary(x):
-            ops = weight_ops_on_spikes(module.out_features, int(torch.count_nonzero(x)))
+            ops = weight_ops_on_spikes(module.out_features, _nonzeros_per_row(x))
         else:
-            ops = weight_ops_on_reals(module.out_features, module.in_features, x.numel() // module.in_features)
-        self.add(self.labels[module], "weights", ops)
+            ops = weight_ops_on_reals(module.out_features, module.in_features, x[:, 0].numel() // module.in_features)
+        self.add(self.labels[module], "weights", ops, rows)
         if module.bias is not None:  # one addition per output (none of spikelm's matrices have a bias)
-            self.add(self.labels[module], "weights", (output.numel(), 0))
+            self.add(self.labels[module], "weights", (output[:, 0].numel(), 0), rows)
 
     def norm(self, module, inputs, output):
-        kind = "rmsnorm" if not isinstance(module, nn.LayerNorm) else "layernorm"
-        width = inputs[0].shape[-1]
-        self.add(self.labels[module], "norms", norm_ops(kind, width, inputs[0].numel() // width))
+        x = inputs[0]
+        kind = "layernorm" if isinstance(module, nn.LayerNorm) else "rmsnorm"
+        width = x.shape[-1]
+        self.add(self.labels[module], "norms", norm_ops(kind, width, x[:, 0].numel() // width), x.shape[1])
 
     def block(self, module, inputs, output):
         membrane = inputs[0]  # [T, B, n, D]; two branches add into it
-        self.add(self.labels[module], "neurons", residual_ops(membrane.shape[-1], 2 * membrane.numel() // membrane.shape[-1]))
+        width = membrane.shape[-1]
+        self.add(self.labels[module], "neurons", residual_ops(width, 2 * membrane[:, 0].numel() // width),
+                 membrane.shape[1])
 
     def __call__(self, neuron, spikes):  # a SpikingNeuron fired
-        layer = self.labels[neuron]
-        count = int(torch.count_nonzero(spikes))
-        neurons = spikes[0].numel()
+        layer, rows = self.labels[neuron], spikes.shape[1]
+        count = _nonzeros_per_row(spikes)
+        neurons = spikes[0, 0].numel()
         leak_is_one = neuron.leak_logit is None and neuron.fixed_leak == 1.0
-        self.add(layer, "neurons", neuron_ops(neurons, spikes.shape[0], count, leak_is_one, neuron.reset))
-        self.spikes[layer] += count
-        self.neuron_steps[layer] += spikes.numel()
+        self.add(layer, "neurons", neuron_ops(neurons, spikes.shape[0], count, leak_is_one, neuron.reset), rows)
+        self._add(("spikes", layer, None), count, rows)
+        self._add(("neuron_steps", layer, None), spikes[:, 0].numel(), rows)
 
     def attention(self, module, q, k, v, mask, attended):
         layer = self.labels[module]
@@ -186,56 +250,106 @@ class EnergyCounter:
         if module.kind == "ssa":
             k_count = k.reshape(T, B, n, H, d).sum(-1).long()
             v_count = v.reshape(T, B, n, H, d).sum(-1).long()
-            pairs = int((k_count * v_count).sum())
-            ops = ssa_ops(T, H, d, B * n, pairs, int(torch.count_nonzero(q)))
+            pairs = (k_count * v_count).sum(dim=(0, 2, 3))
+            ops = ssa_ops(T, H, d, n, pairs, _nonzeros_per_row(q))
         else:
-            ops = sdsa_ops(T, H, D, B * n, int(torch.count_nonzero(k * v)))
-        self.add(layer, "attention", ops)
+            ops = sdsa_ops(T, H, D, n, _nonzeros_per_row(k * v))
+        self.add(layer, "attention", ops, B)
 
-    def head_average(self, module, logits):
-        self.add("head", "weights", head_average_ops(logits.shape[-1], logits.numel() // logits.shape[-1]))
+    def head_average(self, module, logits):  # logits [B, n, V]
+        rows, kept, vocab = logits.shape
+        self.add("head", "weights", head_average_ops(vocab, kept), rows)
+        self._add(("logits", None, None), self._mask[:, -kept:].sum(1), rows)
 
     def model(self, module, args, kwargs, output):
         # tokens are the real positions: padded ones are computed, and their cost is charged to the real ones
         spikes = output.spikes
+        rows, n = spikes.shape[1], spikes.shape[2]
         mask = kwargs.get("attention_mask")
-        if mask is None:
-            self.tokens += spikes.shape[1] * spikes.shape[2]
-        else:
-            self.tokens += int(torch.count_nonzero(mask[:, -spikes.shape[2]:]))
+        self._mask = torch.ones(rows, n, dtype=torch.int64) if mask is None else (mask[:, -n:] != 0).long().cpu()
+        real = self._mask.sum(1)
+        if output.cache is None or output.cache.seen_tokens == n:  # a forward that starts its sequences
+            self._position = torch.zeros(rows, dtype=torch.int64)
+        elif len(self._position) < rows:
+            self._position = torch.cat([self._position, torch.zeros(rows - len(self._position), dtype=torch.int64)])
+        start = self._position[:rows]
+        # sum of 1-based positions of this forward's real tokens: start+1 .. start+real
+        self._add(("context", None, None), real * start + real * (real + 1) // 2, rows)
+        self._add(("tokens", None, None), real, rows)
+        self._position[:rows] += real
+
+    # --- sums over rows
+    def _sum(self, quantity):
+        """{(layer, kind) or layer: count summed over rows} for a per-layer quantity."""
+        return {(key[1] if key[2] is None else key[1:]): int(value.sum())
+                for key, value in self.counts.items() if key[0] == quantity}
+
+    @property
+    def ac(self):
+        return self._sum("ac")
+
+    @property
+    def mac(self):
+        return self._sum("mac")
+
+    @property
+    def spikes(self):
+        return self._sum("spikes")
+
+    @property
+    def neuron_steps(self):
+        return self._sum("neuron_steps")
+
+    @property
+    def tokens(self) -> int:
+        return int(self.counts[("tokens", None, None)].sum()) if ("tokens", None, None) in self.counts else 0
+
+    @property
+    def rows(self) -> int:
+        return max((len(v) for v in self.counts.values()), default=0)
+
+    def row(self, i) -> EnergyCounts:
+        """The counts of batch row i, summed over layers."""
+        def total(quantity):
+            return sum(int(v[i]) for k, v in self.counts.items() if k[0] == quantity and i < len(v))
+        return EnergyCounts(**{name: total(name) for name in EnergyCounts.__dataclass_fields__})
+
+    def total(self) -> EnergyCounts:
+        counts = EnergyCounts()
+        for i in range(self.rows):
+            counts += self.row(i)
+        return counts
 
     # --- results
-    def report(self, e_ac=E_AC_PJ, e_mac=E_MAC_PJ, reference_macs=None):
-        """Per-token figures. `reference_macs`: the ANN reference's MACs for the same tokens."""
+    def report(self, e_ac=E_AC_PJ, e_mac=E_MAC_PJ):
+        """Per-token figures, and the same-shape GPT-2's for the same work (when the model's config is known)."""
         if self.tokens == 0:
             raise ValueError("the energy counter saw no tokens: run the model inside count_energy(model)")
         tokens = self.tokens
-        keys = sorted(set(self.ac) | set(self.mac), key=_row_order)
+        ac, mac, spikes, steps = self.ac, self.mac, self.spikes, self.neuron_steps
         rows = []
-        for layer, kind in keys:
-            ac, mac = self.ac[(layer, kind)] / tokens, self.mac[(layer, kind)] / tokens
-            rows.append({"layer": layer, "kind": kind, "ac": ac, "mac": mac, "pj": picojoules(ac, mac, e_ac, e_mac)})
-        total_ac = sum(self.ac.values())
-        total_mac = sum(self.mac.values())
-        total_spikes = sum(self.spikes.values())
-        total_steps = sum(self.neuron_steps.values())
+        for layer, kind in sorted(set(ac) | set(mac), key=_row_order):
+            row_ac, row_mac = ac.get((layer, kind), 0) / tokens, mac.get((layer, kind), 0) / tokens
+            rows.append({"layer": layer, "kind": kind, "ac": row_ac, "mac": row_mac,
+                         "pj": picojoules(row_ac, row_mac, e_ac, e_mac)})
+        total = self.total()
         report = {
             "tokens": tokens,
             "e_ac_pj": e_ac,
             "e_mac_pj": e_mac,
-            "ac_per_token": total_ac / tokens,
-            "mac_per_token": total_mac / tokens,
-            "spikes_per_token": total_spikes / tokens,
-            "firing_rate": total_spikes / total_steps if total_steps else 0.0,
-            "firing_rate_per_layer": {layer: self.spikes[layer] / self.neuron_steps[layer]
-                                      for layer in sorted(self.neuron_steps, key=_layer_order)},
-            "pj_per_token": picojoules(total_ac, total_mac, e_ac, e_mac) / tokens,
-            "totals": {"ac": total_ac, "mac": total_mac, "spikes": total_spikes, "neuron_steps": total_steps},
+            "ac_per_token": total.ac / tokens,
+            "mac_per_token": total.mac / tokens,
+            "spikes_per_token": total.spikes / tokens,
+            "firing_rate": total.firing_rate,
+            "firing_rate_per_layer": {layer: spikes[layer] / steps[layer] for layer in sorted(steps, key=_layer_order)},
+            "pj_per_token": total.picojoules(e_ac, e_mac) / tokens,
+            "totals": {"ac": total.ac, "mac": total.mac, "spikes": total.spikes, "neuron_steps": total.neuron_steps},
             "rows": rows,
         }
-        if reference_macs is not None:
-            report["ann_mac_per_token"] = reference_macs / tokens
-            report["ann_pj_per_token"] = e_mac * reference_macs / tokens
+        if self.config is not None:
+            reference = gpt2_reference_counts(self.config, total.tokens, logits=total.logits, context=total.context)
+            report["ann_mac_per_token"] = reference["total"] / tokens
+            report["ann_pj_per_token"] = e_mac * reference["total"] / tokens
             report["energy_ratio"] = report["pj_per_token"] / report["ann_pj_per_token"]
         return report
 
@@ -268,16 +382,15 @@ def count_energy(model, counter=None):
     handles, flagged = [], []
     for name, module in model.named_modules():
         counter.labels[module] = _layer_label(name)
-        cls = type(module).__name__
         if isinstance(module, nn.Linear):
             handles.append(module.register_forward_hook(counter.linear))
-        elif isinstance(module, nn.LayerNorm) or cls.endswith("RMSNorm"):
+        elif isinstance(module, (nn.LayerNorm, SpikeLMRMSNorm)):
             handles.append(module.register_forward_hook(counter.norm))
-        elif cls.endswith("Block"):
+        elif isinstance(module, SpikeLMBlock):
             handles.append(module.register_forward_hook(counter.block))
-        elif cls == "SpikeLMModel":
+        elif isinstance(module, SpikeLMModel):
             handles.append(module.register_forward_hook(counter.model, with_kwargs=True))
-        if hasattr(module, "counter") and cls != "SpikeLMModel":  # neurons, attention, the LM head's average
+        if isinstance(module, (SpikingNeuron, SpikeLMAttention, SpikeLMForCausalLM)):  # they call `counter`
             module.counter = counter
             flagged.append(module)
     try:
@@ -289,20 +402,27 @@ def count_energy(model, counter=None):
             module.counter = None
 
 
+@contextmanager
+def count_inference(model, counter=None):
+    """count_energy around inference: eval mode and no gradients inside the block, the model's mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), count_energy(model, counter) as counter:
+            yield counter
+    finally:
+        model.train(was_training)
+
+
 def energy_report(model, input_ids, attention_mask=None, e_ac=E_AC_PJ, e_mac=E_MAC_PJ):
     """Run `model` on `input_ids` [B, N] with the counters on; return per-token counts, energy and the
-    same-shape GPT-2 reference (see EnergyCounter.report for the fields)."""
+    same-shape GPT-2 reference for the same real tokens (see EnergyCounter.report for the fields)."""
     config = model.config
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), count_energy(model) as counter:
+    with count_inference(model) as counter:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    model.train(was_training)
-    reference = gpt2_reference_counts(config.hidden_size, config.num_hidden_layers, config.vocab_size,
-                                      input_ids.shape[1], config.intermediate_size)
-    report = counter.report(e_ac, e_mac, reference_macs=reference["total"] * input_ids.shape[0])
+    report = counter.report(e_ac, e_mac)
     report["config"] = {"hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
                         "num_attention_heads": config.num_attention_heads, "time_steps": config.time_steps,
                         "attention_type": config.attention_type, "vocab_size": config.vocab_size,

@@ -156,7 +156,7 @@ def energy_evaluation(model, tokenizer, text, tokens=DEFAULT_ENERGY_TOKENS, chun
     per layer and GPT-2's own per-layer figures to spikelm.energy's report."""
     import torch
 
-    from .energy import E_AC_PJ, E_MAC_PJ, count_energy, gpt2_reference_counts
+    from .energy import E_AC_PJ, E_MAC_PJ, count_inference, gpt2_reference_counts
 
     if not is_spikelm(model):
         raise SpikeLMError(f"the energy report counts spikes: {model.config.model_type!r} is not a spikelm model")
@@ -164,14 +164,14 @@ def energy_evaluation(model, tokenizer, text, tokens=DEFAULT_ENERGY_TOKENS, chun
     e_mac = E_MAC_PJ if e_mac is None else e_mac
     ids = torch.as_tensor(encode(tokenizer, text)[0][:tokens], device=model.device)
     cache = None
-    with torch.no_grad(), count_energy(model) as counter:
+    with count_inference(model) as counter:
         for start in range(0, len(ids), chunk):
             cache = model(ids[None, start:start + chunk], cache=cache, use_cache=True).cache
     config = model.config
     n = counter.tokens
-    reference = gpt2_reference_counts(config.hidden_size, config.num_hidden_layers, config.vocab_size, n,
-                                      config.intermediate_size)
-    report = counter.report(e_ac, e_mac, reference_macs=reference["total"])
+    total = counter.total()
+    reference = gpt2_reference_counts(config, n, logits=total.logits, context=total.context)
+    report = counter.report(e_ac, e_mac)
     report["spikes_per_token_per_layer"] = {layer: counter.spikes[layer] / n for layer in
                                             report["firing_rate_per_layer"]}
     # GPT-2 per token: each layer's share of the weights and attention, and the head

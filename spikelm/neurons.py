@@ -11,10 +11,14 @@ IF is LIF with leak 1. Heaviside has no useful derivative, so the backward pass
 uses the derivative of a smooth primitive (arctan by default) in its place
 (Neftci, Mostafa & Zenke 2019; the arctan form is Fang et al. 2021's).
 
-Two paths compute the same numbers: `lif_step` (a pure function, autograd
-through a surrogate `Function`), readable, and `LIFMultiStep`, which runs all
-T steps in one autograd node with a hand-written backward through time (less
-memory, fewer kernel launches). A test checks that they agree.
+The step is written once, `lif_step` (and its backward once, `lif_step_backward`); every path loops over it:
+- `lif_reference`: the readable one, autograd through a surrogate `Function`;
+- `LIFMultiStep`: all T steps in one autograd node with a backward through time, each step writing into
+  preallocated buffers (less memory, fewer page faults);
+- `LIFMultiStepCompiled` and `lif_inference`'s compiled kernel: the same loops under `torch.compile`, which
+  fuses the T steps into one generated kernel;
+- `lif_inference`: no autograd, one membrane buffer updated in place.
+Tests check that they agree (tests/test_neurons.py).
 """
 
 import math
@@ -25,24 +29,25 @@ from torch import nn
 
 # ---------------------------------------------------------------- surrogates
 # Each surrogate is a smooth primitive g (a soft step) and its derivative g'.
-# x is membrane - threshold; alpha is the sharpness.
+# x is membrane - threshold; alpha is the sharpness. The derivatives are written once, in place over x (the
+# backward passes hand them a scratch buffer); `surrogate_derivative` is the out-of-place form.
 
 
 def arctan_primitive(x, alpha):
     return torch.atan(math.pi / 2 * alpha * x) / math.pi + 0.5
 
 
-def arctan_derivative(x, alpha):
-    return alpha / 2 / (1 + (math.pi / 2 * alpha * x) ** 2)
+def arctan_derivative_(x, alpha):  # alpha / 2 / (1 + (pi / 2 * alpha * x)^2)
+    return x.mul_(math.pi / 2 * alpha).square_().add_(1).reciprocal_().mul_(alpha / 2)
 
 
 def sigmoid_primitive(x, alpha):
     return torch.sigmoid(alpha * x)
 
 
-def sigmoid_derivative(x, alpha):
-    sig = torch.sigmoid(alpha * x)
-    return alpha * sig * (1 - sig)
+def sigmoid_derivative_(x, alpha):  # alpha * sig * (1 - sig), sig = sigmoid(alpha * x)
+    sig = x.mul_(alpha).sigmoid_()
+    return sig.sub_(sig.square()).mul_(alpha)
 
 
 def triangle_primitive(x, alpha):
@@ -51,12 +56,18 @@ def triangle_primitive(x, alpha):
     return torch.where(y < 0, 0.5 * (1 + y) ** 2, 1 - 0.5 * (1 - y) ** 2)
 
 
-def triangle_derivative(x, alpha):
-    return alpha * (1 - alpha * x.abs()).clamp(min=0)
+def triangle_derivative_(x, alpha):  # alpha * max(0, 1 - alpha |x|)
+    return x.abs_().mul_(-alpha).add_(1).clamp_(min=0).mul_(alpha)
 
 
 SURROGATE_PRIMITIVES = {"arctan": arctan_primitive, "sigmoid": sigmoid_primitive, "triangle": triangle_primitive}
-SURROGATE_DERIVATIVES = {"arctan": arctan_derivative, "sigmoid": sigmoid_derivative, "triangle": triangle_derivative}
+SURROGATE_DERIVATIVES_ = {"arctan": arctan_derivative_, "sigmoid": sigmoid_derivative_,
+                          "triangle": triangle_derivative_}
+
+
+def surrogate_derivative(x, surrogate: str, alpha: float):
+    """g'(x), a new tensor."""
+    return SURROGATE_DERIVATIVES_[surrogate](x.clone(), alpha)
 
 
 class SpikeFunction(torch.autograd.Function):
@@ -71,35 +82,85 @@ class SpikeFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_spikes):
         (x,) = ctx.saved_tensors
-        return grad_spikes * SURROGATE_DERIVATIVES[ctx.surrogate](x, ctx.alpha), None, None
+        return grad_spikes * surrogate_derivative(x, ctx.surrogate, ctx.alpha), None, None
 
 
 def spike(x, surrogate: str = "arctan", alpha: float = 2.0):
     return SpikeFunction.apply(x, surrogate, alpha)
 
 
-# ---------------------------------------------------------------- reference path
+# ---------------------------------------------------------------- the step, written once
 
 
-def lif_step(membrane, current, leak, threshold, reset="soft", surrogate="arctan", alpha=2.0, detach_reset=False):
-    """One time step: (membrane, current) -> (spikes, new membrane). Pure; autograd does the backward."""
-    membrane = leak * membrane + current
-    spikes = spike(membrane - threshold, surrogate, alpha)
-    reset_spikes = spikes.detach() if detach_reset else spikes
-    if reset == "soft":
-        membrane = membrane - threshold * reset_spikes
+def heaviside(charged, threshold, out=None):
+    """Fire: 1 where the charged membrane reaches the threshold, else 0 (no gradient)."""
+    if out is not None:
+        return torch.ge(charged, threshold, out=out)
+    return torch.ge(charged, threshold).to(charged.dtype)
+
+
+def surrogate_fire(surrogate, alpha):
+    """Fire with a surrogate gradient (for autograd through the step)."""
+    return lambda charged, threshold, out=None: spike(charged - threshold, surrogate, alpha)
+
+
+def lif_reset(charged, spikes, threshold, soft: bool, out=None):
+    """Soft reset v = h - theta * s, or hard reset v = h * (1 - s) (written h - h * s)."""
+    if soft:
+        return torch.sub(charged, spikes, alpha=threshold, out=out)
+    return torch.addcmul(charged, charged, spikes, value=-1, out=out)
+
+
+def lif_step(membrane, current, leak, threshold, soft=True, fire=heaviside, detach_reset=False, out=None):
+    """One time step of a LIF population: (membrane, current) -> (spikes, new membrane, charged membrane).
+
+    leak: a tensor (0-dim or broadcastable); fire: `heaviside` or `surrogate_fire(...)`; out: optional
+    (charged, spikes, new membrane) buffers to write into (the in-place paths; may alias `membrane`).
+    """
+    charged_out, spikes_out, membrane_out = out or (None, None, None)
+    charged = torch.addcmul(current, membrane, leak, out=charged_out)  # charge: h = x + leak * v
+    spikes = fire(charged, threshold, out=spikes_out)  # fire: exactly 0 or 1
+    membrane = lif_reset(charged, spikes.detach() if detach_reset else spikes, threshold, soft, out=membrane_out)
+    return spikes, membrane, charged
+
+
+def lif_step_backward(grad_spikes, grad_membrane, charged, spikes, threshold, soft, detach_reset, surrogate,
+                      alpha, out=None):
+    """dL/dh[t] of one step, from dL/ds[t] and dL/dv[t] (the gradient reaching the new membrane):
+        dL/dh = dL/ds * g'(h - theta) + dL/dv * dv/dh
+        soft: dv/dh = 1 - theta * g'    hard: dv/dh = (1 - s) - h * g'    (detached reset: 1, 1 - s)
+    Then dL/dx[t] = dL/dh[t] and dL/dv[t-1] = leak * dL/dh[t]. out: optional (grad_h, slope, scratch) buffers.
+    """
+    grad_h, slope, scratch = out or (None, None, None)
+    slope = SURROGATE_DERIVATIVES_[surrogate](torch.sub(charged, threshold, out=slope), alpha)
+    grad_h = torch.mul(grad_spikes, slope, out=grad_h)  # through the spike, plus through the membrane:
+    if soft:
+        grad_h.add_(grad_membrane)
+        if not detach_reset:
+            grad_h.sub_(torch.mul(grad_membrane, slope, out=scratch), alpha=threshold)
     else:
-        membrane = membrane * (1 - reset_spikes)
-    return spikes, membrane
+        grad_h.add_(grad_membrane).addcmul_(grad_membrane, spikes, value=-1)
+        if not detach_reset:
+            grad_h.sub_(torch.mul(grad_membrane, slope, out=scratch).mul_(charged))
+    return grad_h
+
+
+def _as_leak(leak, like):
+    return leak if torch.is_tensor(leak) else torch.tensor(float(leak), dtype=like.dtype, device=like.device)
+
+
+# ---------------------------------------------------------------- reference path
 
 
 def lif_reference(current, leak, threshold, reset="soft", surrogate="arctan", alpha=2.0, detach_reset=False,
                   initial_membrane=0.0):
-    """Multi-step LIF by a Python loop over lif_step. current: [T, ...] -> spikes [T, ...]."""
+    """Multi-step LIF by a Python loop over lif_step, autograd through it. current: [T, ...] -> spikes [T, ...]."""
+    leak = _as_leak(leak, current)
     membrane = torch.full_like(current[0], initial_membrane)
+    fire = surrogate_fire(surrogate, alpha)
     spikes = []
     for t in range(current.shape[0]):
-        s, membrane = lif_step(membrane, current[t], leak, threshold, reset, surrogate, alpha, detach_reset)
+        s, membrane, _ = lif_step(membrane, current[t], leak, threshold, reset == "soft", fire, detach_reset)
         spikes.append(s)
     return torch.stack(spikes)
 
@@ -107,28 +168,11 @@ def lif_reference(current, leak, threshold, reset="soft", surrogate="arctan", al
 # ---------------------------------------------------------------- fast path
 
 
-def surrogate_derivative_(x, surrogate: str, alpha: float):
-    """g'(x) computed in place over x (the fast path's copy of the *_derivative functions above)."""
-    if surrogate == "arctan":  # alpha / 2 / (1 + (pi / 2 * alpha * x)^2)
-        return x.mul_(math.pi / 2 * alpha).square_().add_(1).reciprocal_().mul_(alpha / 2)
-    if surrogate == "sigmoid":  # alpha * sig * (1 - sig), sig = sigmoid(alpha * x)
-        sig = x.mul_(alpha).sigmoid_()
-        return sig.sub_(sig.square()).mul_(alpha)
-    # triangle: alpha * max(0, 1 - alpha |x|)
-    return x.abs_().mul_(-alpha).add_(1).clamp_(min=0).mul_(alpha)
-
-
 class LIFMultiStep(torch.autograd.Function):
     """All T steps in one node. Saves only the charged membranes h[t] and the spikes; backward runs back
-    through time. Every step writes into preallocated buffers (`out=`, in-place ops): on the CPU, a fresh
-    large temporary per operation costs more in page faults than the arithmetic itself.
-
-    Backward, with h[t] = leak * v[t-1] + x[t], s[t] = H(h[t] - theta), v[t] = reset(h[t], s[t]):
-        dL/dh[t]   = dL/ds[t] * g'(h[t] - theta) + dL/dv[t] * dv[t]/dh[t]
-                     soft: dv/dh = 1 - theta * g'    hard: dv/dh = (1 - s) - h * g'    (detached: 1, 1 - s)
-        dL/dx[t]   = dL/dh[t]
-        dL/dv[t-1] = leak * dL/dh[t]
-        dL/dleak  += dL/dh[t] * v[t-1]
+    through time (lif_step_backward). Every step writes into preallocated buffers (`out=`, in-place ops): on
+    the CPU, a fresh large temporary per operation costs more in page faults than the arithmetic itself.
+    With a learned leak: dL/dleak = sum_t dL/dh[t] * v[t-1].
     """
 
     @staticmethod
@@ -136,48 +180,28 @@ class LIFMultiStep(torch.autograd.Function):
         membrane = torch.full_like(current[0], initial_membrane)
         charged = torch.empty_like(current)  # h[t], kept for the backward pass
         spikes = torch.empty_like(current)
+        soft = reset == "soft"
         for t in range(current.shape[0]):
-            h, s = charged[t], spikes[t]
-            torch.addcmul(current[t], membrane, leak, out=h)  # charge: h = x + leak * v
-            torch.ge(h, threshold, out=s)  # fire: exactly 0 or 1
-            if reset == "soft":
-                torch.sub(h, s, alpha=threshold, out=membrane)  # v = h - theta * s
-            else:
-                torch.addcmul(h, h, s, value=-1, out=membrane)  # v = h * (1 - s)
+            lif_step(membrane, current[t], leak, threshold, soft, out=(charged[t], spikes[t], membrane))
         ctx.save_for_backward(charged, spikes, leak)
-        ctx.settings = (threshold, reset, surrogate, alpha, detach_reset, initial_membrane)
+        ctx.settings = (threshold, soft, surrogate, alpha, detach_reset, initial_membrane)
         return spikes
 
     @staticmethod
     def backward(ctx, grad_spikes):
         charged, spikes, leak = ctx.saved_tensors
-        threshold, reset, surrogate, alpha, detach_reset, initial_membrane = ctx.settings
+        threshold, soft, surrogate, alpha, detach_reset, initial_membrane = ctx.settings
         grad_spikes = grad_spikes.contiguous()
         grad_current = torch.empty_like(charged)
         grad_membrane = torch.zeros_like(charged[0])  # dL/dv[t], flowing back from step t+1
-        slope = torch.empty_like(charged[0])  # g'(h[t] - theta)
-        scratch = torch.empty_like(charged[0])
+        slope, scratch = torch.empty_like(charged[0]), torch.empty_like(charged[0])
         grad_leak = torch.zeros((), dtype=charged.dtype, device=charged.device) if leak.requires_grad else None
         for t in reversed(range(charged.shape[0])):
-            h, s, grad_h = charged[t], spikes[t], grad_current[t]
-            surrogate_derivative_(torch.sub(h, threshold, out=slope), surrogate, alpha)
-            torch.mul(grad_spikes[t], slope, out=grad_h)  # through the spike
-            # ... plus through the membrane: grad_v * dv/dh
-            if reset == "soft":
-                grad_h.add_(grad_membrane)
-                if not detach_reset:
-                    grad_h.sub_(torch.mul(grad_membrane, slope, out=scratch), alpha=threshold)
-            else:
-                grad_h.add_(grad_membrane).addcmul_(grad_membrane, s, value=-1)
-                if not detach_reset:
-                    grad_h.sub_(torch.mul(grad_membrane, slope, out=scratch).mul_(h))
+            grad_h = lif_step_backward(grad_spikes[t], grad_membrane, charged[t], spikes[t], threshold, soft,
+                                       detach_reset, surrogate, alpha, out=(grad_current[t], slope, scratch))
             if grad_leak is not None:
                 if t > 0:  # v[t-1] = reset(h[t-1], s[t-1])
-                    hp, sp = charged[t - 1], spikes[t - 1]
-                    if reset == "soft":
-                        previous = torch.sub(hp, sp, alpha=threshold, out=scratch)
-                    else:
-                        previous = torch.addcmul(hp, hp, sp, value=-1, out=scratch)
+                    previous = lif_reset(charged[t - 1], spikes[t - 1], threshold, soft, out=scratch)
                     grad_leak = grad_leak + (grad_h * previous).sum()
                 elif initial_membrane != 0.0:
                     grad_leak = grad_leak + grad_h.sum() * initial_membrane
@@ -188,30 +212,27 @@ class LIFMultiStep(torch.autograd.Function):
 def lif_multistep(current, leak, threshold, reset="soft", surrogate="arctan", alpha=2.0, detach_reset=False,
                   initial_membrane=0.0):
     """Multi-step LIF, fast path. current: [T, ...] -> spikes [T, ...], each exactly 0 or 1."""
-    if not torch.is_tensor(leak):
-        leak = torch.tensor(float(leak), dtype=current.dtype, device=current.device)
-    if _compiled_kernels_enabled and not leak.requires_grad:
+    leak = _as_leak(leak, current)
+    if _use_compiled(current) and not leak.requires_grad:
         return LIFMultiStepCompiled.apply(current, leak, threshold, reset, surrogate, alpha, detach_reset,
                                           initial_membrane)
     return LIFMultiStep.apply(current, leak, threshold, reset, surrogate, alpha, detach_reset, initial_membrane)
 
 
 def lif_inference(current, leak, threshold, reset="soft", initial_membrane=0.0):
-    """Multi-step LIF without autograd: one membrane buffer, updated in place; the same spikes as
-    lif_multistep (tests/test_neurons.py). Decoding calls it once per neuron population and token."""
+    """Multi-step LIF without autograd: the same spikes as lif_multistep (tests/test_neurons.py). Eager: one
+    membrane buffer updated in place; compiled: the T steps in one generated kernel."""
+    leak = _as_leak(leak, current)
+    if _use_compiled(current):
+        return _kernel("inference")(current, leak, float(threshold), reset == "soft", float(initial_membrane))
     membrane = torch.full_like(current[0], initial_membrane)
     spikes = torch.empty_like(current)
     for t in range(current.shape[0]):
-        torch.addcmul(current[t], membrane, leak, out=membrane)  # charge
-        torch.ge(membrane, threshold, out=spikes[t])  # fire
-        if reset == "soft":
-            membrane.sub_(spikes[t], alpha=threshold)
-        else:
-            membrane.addcmul_(membrane, spikes[t], value=-1)
+        lif_step(membrane, current[t], leak, threshold, reset == "soft", out=(membrane, spikes[t], membrane))
     return spikes
 
 
-# ---------------------------------------------------------------- compiled path (opt-in)
+# ---------------------------------------------------------------- compiled path
 # The eager fast path makes ~14 passes over memory per step; torch.compile fuses each direction into one
 # generated loop (C++ on the CPU, Triton on GPUs), about 10x faster on a 4x2048x1024 tensor here. It costs a
 # compilation (tens of seconds on 2 cores, cached on disk afterwards), so it is opt-in: `spikelm train
@@ -226,40 +247,47 @@ def enable_compiled_kernels(enabled: bool = True):
     _compiled_kernels_enabled = enabled
 
 
+def _use_compiled(current):
+    return _compiled_kernels_enabled
+
+
 def _lif_forward_kernel(current, leak, threshold: float, soft: bool, initial_membrane: float):
     membrane = torch.full_like(current[0], initial_membrane)
     charged, spikes = [], []
     for t in range(current.shape[0]):
-        h = current[t] + leak * membrane
-        s = (h >= threshold).to(current.dtype)
-        membrane = h - threshold * s if soft else h * (1 - s)
+        s, membrane, h = lif_step(membrane, current[t], leak, threshold, soft)
         charged.append(h)
         spikes.append(s)
     return torch.stack(spikes), torch.stack(charged)
 
 
+def _lif_inference_kernel(current, leak, threshold: float, soft: bool, initial_membrane: float):
+    membrane = torch.full_like(current[0], initial_membrane)
+    spikes = []
+    for t in range(current.shape[0]):
+        s, membrane, _ = lif_step(membrane, current[t], leak, threshold, soft)
+        spikes.append(s)
+    return torch.stack(spikes)
+
+
 def _lif_backward_kernel(grad_spikes, charged, spikes, leak, threshold: float, soft: bool, detach_reset: bool,
                          surrogate: str, alpha: float):
-    derivative = SURROGATE_DERIVATIVES[surrogate]
     grad_membrane = torch.zeros_like(charged[0])
     grads = []
     for t in range(charged.shape[0] - 1, -1, -1):
-        h, s = charged[t], spikes[t]
-        slope = derivative(h - threshold, alpha)
-        if soft:
-            dv_dh = 1.0 if detach_reset else 1 - threshold * slope
-        else:
-            dv_dh = (1 - s) if detach_reset else (1 - s) - h * slope
-        grad_h = grad_spikes[t] * slope + grad_membrane * dv_dh
+        grad_h = lif_step_backward(grad_spikes[t], grad_membrane, charged[t], spikes[t], threshold, soft,
+                                   detach_reset, surrogate, alpha)
         grads.append(grad_h)
         grad_membrane = leak * grad_h
     return torch.stack(grads[::-1])
 
 
+_KERNELS = {"forward": _lif_forward_kernel, "backward": _lif_backward_kernel, "inference": _lif_inference_kernel}
+
+
 def _kernel(name):
     if name not in _compiled:
-        function = _lif_forward_kernel if name == "forward" else _lif_backward_kernel
-        _compiled[name] = torch.compile(function, dynamic=True)
+        _compiled[name] = torch.compile(_KERNELS[name], dynamic=True)
     return _compiled[name]
 
 

@@ -30,7 +30,7 @@ from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
 from .configuration_spikelm import SpikeLMConfig
 from .data import Blocks, Corpus, bits_per_byte, iter_texts, load_corpus, prepare_blocks, quiet_datasets
-from .energy import count_energy
+from .energy import count_inference
 from .errors import SpikeLMError
 from .loading import has_tokenizer, load_tokenizer
 from .presets import preset
@@ -103,11 +103,8 @@ class EnergyCallback(TrainerCallback):
         self.input_ids = torch.tensor([input_ids])
 
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
-        was_training = model.training
-        model.eval()
-        with torch.no_grad(), count_energy(model) as counter:
+        with count_inference(model) as counter:
             model(input_ids=self.input_ids.to(model.device), use_cache=False)
-        model.train(was_training)
         report = counter.report()
         energy = {"eval_pj_per_token": report["pj_per_token"], "eval_ac_per_token": report["ac_per_token"],
                   "eval_mac_per_token": report["mac_per_token"], "eval_firing_rate": report["firing_rate"]}

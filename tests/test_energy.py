@@ -114,7 +114,7 @@ def test_gpt2_reference_matches_a_count_from_gpt2():
     from torch.utils.flop_counter import FlopCounterMode
     with torch.no_grad(), FlopCounterMode(display=False) as flops:
         gpt2(torch.randint(0, V, (1, N)))
-    reference = gpt2_reference_counts(D, L, V, N, inner)
+    reference = gpt2_reference_counts(config, N)
     assert reference["weights"] + reference["head"] == sum(weight_macs)
     # attention: the causal half of q.k and of the weighted sum of values, a lower bound on what GPT-2 computes
     counted = flops.get_total_flops() // 2 - sum(weight_macs)  # 2 flops per MAC

@@ -88,12 +88,16 @@ def test_compiled_kernels_equal_the_eager_path():
                 x = current.clone().requires_grad_(True)
                 spikes = lif_multistep(x, 0.6, 1.0, reset, "arctan", 2.0)
                 (spikes * grad).sum().backward()
-                results.append((spikes, x.grad))
+                with torch.no_grad():
+                    inferred = neurons.lif_inference(current, 0.6, 1.0, reset)
+                results.append((spikes, x.grad, inferred))
         finally:
             neurons.enable_compiled_kernels(False)
-    for (s1, g1), (s2, g2) in zip(results[:2], results[2:]):
+    assert set(neurons._compiled) >= {"forward", "backward", "inference"}  # the compiled kernels did run
+    for (s1, g1, i1), (s2, g2, i2) in zip(results[:2], results[2:]):
         assert torch.equal(s1, s2)
         assert torch.allclose(g1, g2, atol=1e-5)
+        assert torch.equal(i1, s1) and torch.equal(i2, s1)
 
 
 @pytest.mark.parametrize("reset", ["soft", "hard"])
@@ -104,3 +108,17 @@ def test_inference_path_equals_training_path(reset):
     leak = torch.tensor(0.6, dtype=torch.float64)
     expected = lif_multistep(current, leak, 1.0, reset, initial_membrane=0.5)
     assert torch.equal(lif_inference(current, leak, 1.0, reset, initial_membrane=0.5), expected)
+    # and both equal the reference, the plain loop over lif_step
+    assert torch.equal(lif_reference(current, leak, 1.0, reset, initial_membrane=0.5), expected)
+
+
+@pytest.mark.parametrize("name", ["arctan", "sigmoid", "triangle"])
+def test_in_place_derivative_leaves_its_input_alone_out_of_place(name):
+    from spikelm.neurons import SURROGATE_DERIVATIVES_, surrogate_derivative
+
+    x = torch.linspace(-2, 2, 101, dtype=torch.float64)
+    kept = x.clone()
+    derivative = surrogate_derivative(x, name, 2.0)
+    assert torch.equal(x, kept)
+    assert torch.equal(SURROGATE_DERIVATIVES_[name](x, 2.0), derivative)  # in place: x now holds g'(x)
+    assert torch.equal(x, derivative)

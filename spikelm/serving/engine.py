@@ -19,9 +19,9 @@ holds exactly (24-bit mantissas, well inside 53 bits) whatever the order; norms,
 update work row by row. A sequence then gets the same numbers alone or in a batch of 32
 (tests/test_serving.py checks it).
 
-Energy. `RowEnergyCounter` takes count_energy's hooks but keeps every count per batch row, using the same
-rule functions as spikelm.energy, so a sequence's counts in a batched step equal what count_energy counts for
-that sequence alone (tests/test_serving_engine.py checks it). The prompt is counted in its own forward.
+Energy. spikelm.energy's counter keeps every count per batch row, so a sequence's counts in a batched step
+equal what count_energy counts for that sequence alone (tests/serving/test_engine.py checks it). The prompt is
+counted in its own forward.
 """
 
 import collections
@@ -34,9 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..energy import (E_AC_PJ, E_MAC_PJ, EnergyCounter, _is_binary, count_energy, gpt2_reference_counts,
-                      head_average_ops, neuron_ops, norm_ops, residual_ops, sdsa_ops, ssa_ops,
-                      weight_ops_on_reals, weight_ops_on_spikes)
+from ..energy import E_AC_PJ, E_MAC_PJ, EnergyCounter, EnergyCounts, count_energy, gpt2_reference_counts
 
 logger = logging.getLogger("spikelm.serving")
 
@@ -47,110 +45,6 @@ class EngineBusy(Exception):
 
 class EngineStopped(Exception):
     """The engine is shutting down."""
-
-
-# ================================================================ energy per batch row
-
-
-def _per_row(x):
-    """Non-zeros of each batch row of x [T, B, ...] (batch in dim 1) -> [B] int64."""
-    return torch.count_nonzero(x.transpose(0, 1).reshape(x.shape[1], -1), dim=1)
-
-
-class RowEnergyCounter(EnergyCounter):
-    """count_energy's counters with every count kept per batch row (dim 1 of [T, B, n, ...], dim 0 of logits).
-
-    The arithmetic is spikelm.energy's rule functions, applied to per-row counts instead of batch totals.
-    """
-
-    def start(self, rows: int):
-        self.rows = rows
-        zeros = lambda: torch.zeros(rows, dtype=torch.int64)  # noqa: E731
-        self.row_ac, self.row_mac, self.row_spikes, self.row_neuron_steps = zeros(), zeros(), zeros(), zeros()
-        return self
-
-    def _add(self, ops):
-        ac, mac = ops
-        self.row_ac += ac
-        self.row_mac += mac
-
-    def _rows_of(self, x, dim=1):
-        if x.shape[dim] != self.rows:
-            raise RuntimeError(f"RowEnergyCounter expected {self.rows} rows in dim {dim}, got {tuple(x.shape)}")
-        return x.numel() // self.rows  # elements per row
-
-    def linear(self, module, inputs, output):
-        x = inputs[0]
-        per_row = self._rows_of(x)
-        if _is_binary(x):
-            self._add(weight_ops_on_spikes(module.out_features, _per_row(x)))
-        else:
-            self._add(weight_ops_on_reals(module.out_features, module.in_features, per_row // module.in_features))
-        if module.bias is not None:
-            self._add((output.numel() // self.rows, 0))
-
-    def norm(self, module, inputs, output):
-        kind = "layernorm" if isinstance(module, torch.nn.LayerNorm) else "rmsnorm"
-        width = inputs[0].shape[-1]
-        self._add(norm_ops(kind, width, self._rows_of(inputs[0]) // width))
-
-    def block(self, module, inputs, output):
-        width = inputs[0].shape[-1]
-        self._add(residual_ops(width, 2 * self._rows_of(inputs[0]) // width))
-
-    def __call__(self, neuron, spikes):
-        count = _per_row(spikes)
-        neurons = self._rows_of(spikes) // spikes.shape[0]
-        leak_is_one = neuron.leak_logit is None and neuron.fixed_leak == 1.0
-        self._add(neuron_ops(neurons, spikes.shape[0], count, leak_is_one, neuron.reset))
-        self.row_spikes += count
-        self.row_neuron_steps += spikes.numel() // self.rows
-
-    def attention(self, module, q, k, v, mask, attended):
-        T, B, n, D = q.shape
-        H, d = module.num_heads, module.head_dim
-        self._rows_of(q)
-        if module.kind == "ssa":
-            k_count = k.reshape(T, B, n, H, d).sum(-1).long()
-            v_count = v.reshape(T, B, n, H, d).sum(-1).long()
-            pairs = (k_count * v_count).sum(dim=(0, 2, 3))
-            self._add(ssa_ops(T, H, d, n, pairs, _per_row(q)))
-        else:
-            self._add(sdsa_ops(T, H, D, n, _per_row(k * v)))
-
-    def head_average(self, module, logits):
-        self._add(head_average_ops(logits.shape[-1], self._rows_of(logits, dim=0) // logits.shape[-1]))
-
-    def model(self, module, args, kwargs, output):
-        self.tokens += output.spikes.shape[1] * output.spikes.shape[2]
-
-    def row(self, i) -> "StepEnergy":
-        return StepEnergy(int(self.row_ac[i]), int(self.row_mac[i]), int(self.row_spikes[i]),
-                          int(self.row_neuron_steps[i]))
-
-
-@dataclass
-class StepEnergy:
-    """Operation counts of one sequence in one forward pass (or summed over several)."""
-
-    ac: int = 0
-    mac: int = 0
-    spikes: int = 0
-    neuron_steps: int = 0
-
-    def __iadd__(self, other):
-        self.ac += other.ac
-        self.mac += other.mac
-        self.spikes += other.spikes
-        self.neuron_steps += other.neuron_steps
-        return self
-
-    def picojoules(self, e_ac=E_AC_PJ, e_mac=E_MAC_PJ) -> float:
-        return e_ac * self.ac + e_mac * self.mac
-
-    @property
-    def firing_rate(self) -> float:
-        return self.spikes / self.neuron_steps if self.neuron_steps else 0.0
 
 
 # ================================================================ requests, sampling, text
@@ -233,7 +127,7 @@ class TextStream:
 class RequestUsage:
     prompt_tokens: int
     completion_tokens: int
-    energy: StepEnergy  # the whole request: prompt forward + every decode step
+    energy: EnergyCounts  # the whole request: prompt forward + every decode step
     tokens_processed: int  # tokens that went through the model
     pj: float
     gpt2_pj: float  # the same-shape GPT-2 processing the same tokens (with a KV cache)
@@ -246,7 +140,7 @@ class SequenceEvent:
 
     text: str = ""
     token_id: int | None = None
-    energy: StepEnergy | None = None
+    energy: EnergyCounts | None = None
     pj: float = 0.0
     finish_reason: str | None = None  # "stop", "length"; None while generating
     usage: RequestUsage | None = None
@@ -267,7 +161,7 @@ class Sequence:
         seed = params.seed if params.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator().manual_seed(seed)
         self.generated: list[int] = []
-        self.energy = StepEnergy()
+        self.energy = EnergyCounts()
         self.tokens_processed = 0
         self.cancelled = False
         self.finished = False
@@ -410,8 +304,7 @@ class Engine:
 
     def _prefill(self, sequence):
         ids = torch.tensor([sequence.prompt_ids], dtype=torch.long)
-        counter = RowEnergyCounter().start(1)
-        with count_energy(self.model, counter):
+        with count_energy(self.model) as counter:
             output = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         sequence.tokens_processed += ids.shape[1]
         finished = self._accept(sequence, output.logits[0, -1], counter.row(0))
@@ -420,7 +313,7 @@ class Engine:
     def _decode_step(self):
         batch = self._active
         ids = torch.tensor([[s.generated[-1]] for s in batch], dtype=torch.long)
-        counter = RowEnergyCounter().start(len(batch))
+        counter = EnergyCounter(positions=[s.tokens_processed for s in batch])  # continuing sequences
         with count_energy(self.model, counter):
             output = self.model(input_ids=ids, cache=self._cache, use_cache=True)
         self._cache = output.cache
@@ -449,7 +342,7 @@ class Engine:
         for layer in self._cache.layers:
             layer.batch_select_indices(index)
 
-    def _accept(self, sequence, logits, energy: StepEnergy) -> bool:
+    def _accept(self, sequence, logits, energy: EnergyCounts) -> bool:
         """Sample the next token from logits [V], tell the request; returns True when the sequence is done."""
         token = sample_next(logits, sequence.params, sequence.generator)
         sequence.generated.append(token)
@@ -471,9 +364,8 @@ class Engine:
         return sequence.finished
 
     def _usage(self, sequence) -> RequestUsage:
-        config = self.config
-        reference = gpt2_reference_counts(config.hidden_size, config.num_hidden_layers, config.vocab_size,
-                                          sequence.tokens_processed, config.intermediate_size)
+        energy = sequence.energy
+        reference = gpt2_reference_counts(self.config, energy.tokens, logits=energy.logits, context=energy.context)
         return RequestUsage(prompt_tokens=len(sequence.prompt_ids), completion_tokens=len(sequence.generated),
                             energy=sequence.energy, tokens_processed=sequence.tokens_processed,
                             pj=sequence.energy.picojoules(self.e_ac_pj, self.e_mac_pj),

@@ -4,6 +4,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..energy import E_AC_PJ, E_MAC_PJ
 from ..errors import SpikeLMError
 
 DTYPES = ("float64", "float32")
@@ -25,8 +26,8 @@ class ServeSettings:
     # float64: a sequence's numbers do not depend on what else is in the batch (see engine.py)
     dtype: str = "float64"
     threads: int | None = None  # torch intra-op threads; None: torch's default
-    e_ac_pj: float = 0.9  # energy of one accumulate (32-bit, 45 nm; Horowitz 2014)
-    e_mac_pj: float = 4.6  # energy of one multiply-accumulate
+    e_ac_pj: float = E_AC_PJ  # energy of one accumulate (spikelm.energy)
+    e_mac_pj: float = E_MAC_PJ  # energy of one multiply-accumulate
     retry_after_s: int = 1  # what a 503 tells the client to wait
 
     def __post_init__(self):

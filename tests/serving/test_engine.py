@@ -9,7 +9,8 @@ from transformers import PreTrainedTokenizerFast
 
 from conftest import tiny_config
 from spikelm import SpikeLMForCausalLM, count_energy
-from spikelm.serving.engine import RowEnergyCounter, SamplingParams, TextStream, _concat_caches, sample_next
+from spikelm.energy import EnergyCounter
+from spikelm.serving.engine import SamplingParams, TextStream, _concat_caches, sample_next
 
 
 @pytest.mark.parametrize("attention_type", ["ssa", "sdsa"])
@@ -27,13 +28,14 @@ def test_row_counts_in_a_batched_step_equal_each_sequence_counted_alone(attentio
         batched_cache = None
         for cache in caches:
             batched_cache = _concat_caches(batched_cache, cache)
-        rows = RowEnergyCounter().start(len(prompts))
+        rows = EnergyCounter(positions=[len(p) for p in prompts])
         with count_energy(model, rows):
             batched = model(input_ids=torch.tensor(next_ids), cache=batched_cache, use_cache=True)
     for i, (counter, logits) in enumerate(alone):
         row = rows.row(i)
         assert (row.ac, row.mac) == (sum(counter.ac.values()), sum(counter.mac.values()))
         assert (row.spikes, row.neuron_steps) == (sum(counter.spikes.values()), sum(counter.neuron_steps.values()))
+        assert (row.tokens, row.logits, row.context) == (1, 1, len(prompts[i]) + 1)
         # float64: the same numbers alone and in the batch, bit for bit
         assert torch.equal(batched.logits[i, -1], logits)
     assert rows.row(0).ac != rows.row(1).ac  # the counts really are per row
