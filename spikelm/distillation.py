@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SpikeLMError
-from .loading import has_tokenizer, load_tokenizer
+from .loading import load_tokenizer
 from .training import SpikeLMTrainer, TrainingData, TrainingOptions, train
 
 
@@ -64,17 +64,24 @@ class DistillationTrainer(SpikeLMTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def check_teacher(teacher, tokenizer, student_vocab_size=None, teacher_path=None):
+def _tokenizer_or_none(name, revision):
+    try:
+        return load_tokenizer(name, revision)
+    except SpikeLMError:
+        return None
+
+
+def check_teacher(teacher, tokenizer, student_vocab_size=None, teacher_path=None, revision=None):
     """Refuse a teacher whose logits do not index the student's vocabulary: another size, or (when its
-    directory `teacher_path` holds a tokenizer) other tokens."""
+    directory or hub repository `teacher_path` holds a tokenizer) other tokens."""
     name = teacher_path or "the teacher"
     expected = student_vocab_size or len(tokenizer)
     if teacher.config.vocab_size != expected:
         raise SpikeLMError(f"the teacher {name} has a vocabulary of {teacher.config.vocab_size} tokens and the "
                            f"student {expected}: distillation needs the same tokenizer; train the teacher with "
                            f"--tokenizer pointing at the student's")
-    if teacher_path is not None and has_tokenizer(teacher_path) and \
-            load_tokenizer(teacher_path).get_vocab() != tokenizer.get_vocab():
+    teachers_own = _tokenizer_or_none(teacher_path, revision) if teacher_path is not None else None
+    if teachers_own is not None and teachers_own.get_vocab() != tokenizer.get_vocab():
         raise SpikeLMError(f"the teacher {teacher_path} uses a different tokenizer from the student's: "
                            f"distillation needs the same one; pass --tokenizer {teacher_path}")
 
