@@ -210,6 +210,8 @@ def prepare_data(options: TrainingOptions, tokenizer=None, vocab_size: int = 102
         with training_args.main_process_first(desc="tokenizer"):  # rank 0 trains and saves, the others load it
             if isinstance(tokenizer, (str, Path)):
                 tokenizer = load_tokenizer(tokenizer)
+            if tokenizer is not None and tokenizer.pad_token is None:  # GPT-2's and Llama's have none
+                tokenizer.pad_token = tokenizer.eos_token
             if tokenizer is not None:
                 tokenizer.save_pretrained(output)
             elif has_tokenizer(output):

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -146,3 +147,43 @@ def test_chunked_loss_equals_the_unchunked_one():
     ce = torch.nn.functional.cross_entropy(student32[:, :-1][keep], labels[:, 1:][keep])
     assert distillation_loss(student32, teacher32, labels, alpha=0.0, chunk_positions=4).item() == \
         pytest.approx(ce.item(), rel=1e-6)
+
+
+def byte_level_bpe(texts, vocab_size=400):
+    """A GPT-2-style byte-level BPE tokenizer trained here with the tokenizers library."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|endoftext|>",
+                                   eos_token="<|endoftext|>")
+
+
+def test_a_byte_level_bpe_teacher_end_to_end(tmp_path):
+    """The student adopts a teacher's byte-level BPE tokenizer (not spikelm's SentencePiece), trains, saves,
+    loads and generates with it."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    text = shakespeare_text(30_000)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text)
+    tokenizer = byte_level_bpe([text])
+    teacher = tmp_path / "teacher"
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2, bos_token_id=0,
+                               eos_token_id=0)).save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    student = tmp_path / "student"
+    run = spikelm("distill", "--teacher", teacher, "--corpus", corpus, "--output", student, "--max-steps", 2, *TINY)
+    assert run.returncode == 0, run.stderr[-1500:]
+    saved = AutoTokenizer.from_pretrained(student)
+    assert saved.get_vocab() == tokenizer.get_vocab() and saved.eos_token == "<|endoftext|>"
+    results = json.loads((student / "results.json").read_text())
+    assert math.isfinite(results["eval_bits_per_byte"]) and results["global_step"] == 2
+    run = spikelm("generate", "--model", student, "--prompt", "ROMEO:", "--max-new-tokens", 5, "--json")
+    assert run.returncode == 0, run.stderr[-1500:]
+    assert json.loads(run.stdout)["text"].startswith("ROMEO:")
