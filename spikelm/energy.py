@@ -5,7 +5,8 @@ Rules (docs/design.md, "Energy"), one small pure function each, over counts:
 - a weight matrix out x in fed spikes: out x (number of input spikes) accumulates (ACs);
   fed real values: out x in multiply-accumulates (MACs) per input vector;
 - spike attention: what its recurrent form performs. The state update and the read-out add only where
-  spikes are 1 (ACs); the decay, the decay sum and the scale are multiplications (MACs);
+  spikes are 1 (ACs); the decay, the decay sum and the scale are multiplications (MACs); a gated decay adds
+  its matrix (fed spikes, as any other) and, per head and token, its sum over the steps, bias and sigmoid;
 - neurons: per neuron and step, charging is a MAC (leak * v + x; an AC for IF, whose leak is 1) and the
   threshold comparison an AC; a soft reset subtracts the threshold once per spike (AC);
 - the membrane shortcut adds each branch's output to the residual stream: an AC per element and step,
@@ -98,6 +99,15 @@ def sdsa_ops(time_steps: int, heads: int, width: int, tokens: int, coincidences:
     ac = coincidences + tokens * time_steps * width
     mac = tokens * (time_steps * width + heads + heads + time_steps * width)
     return ac, mac
+
+
+def gate_ops(time_steps: int, heads: int, tokens: int) -> tuple[int, int]:
+    """A gated decay g = sigmoid(W_g s + b), per head and token, beyond W_g's own ACs (a weight matrix fed
+    spikes): summing its T steps (T - 1 ACs), the 1/T of the mean (1 MAC), the bias (1 AC), the sigmoid
+    1 / (1 + exp(-x)) (exp and reciprocal: 2 MACs, + 1: 1 AC). Multiplying the state and the decay sum by g
+    costs what a fixed decay does (ssa_ops, sdsa_ops)."""
+    per = tokens * heads
+    return per * (time_steps - 1 + 1 + 1), per * (1 + 2)
 
 
 def head_average_ops(vocab_size: int, tokens: int) -> tuple[int, int]:
@@ -244,17 +254,8 @@ class EnergyCounter:
         self._add(("neuron_steps", layer, None), spikes[:, 0].numel(), rows)
 
     def attention(self, module, q, k, v, mask, attended):
-        layer = self.labels[module]
-        T, B, n, D = q.shape
-        H, d = module.num_heads, module.head_dim
-        if module.kind == "ssa":
-            k_count = k.reshape(T, B, n, H, d).sum(-1).long()
-            v_count = v.reshape(T, B, n, H, d).sum(-1).long()
-            pairs = (k_count * v_count).sum(dim=(0, 2, 3))
-            ops = ssa_ops(T, H, d, n, pairs, _nonzeros_per_row(q))
-        else:
-            ops = sdsa_ops(T, H, D, n, _nonzeros_per_row(k * v))
-        self.add(layer, "attention", ops, B)
+        # per batch row, by its kind's rule (ssa_ops or sdsa_ops) and, with a gated decay, gate_ops
+        self.add(self.labels[module], "attention", module.count_ops(q, k, v), q.shape[1])
 
     def head_average(self, module, logits):  # logits [B, n, V]
         rows, kept, vocab = logits.shape
@@ -313,6 +314,12 @@ class EnergyCounter:
         def total(quantity):
             return sum(int(v[i]) for k, v in self.counts.items() if k[0] == quantity and i < len(v))
         return EnergyCounts(**{name: total(name) for name in EnergyCounts.__dataclass_fields__})
+
+    def row_firing_rate_per_layer(self, i) -> dict[str, float]:
+        """Spikes per neuron and time step of batch row i, by layer ("layers.0", ..., "head"), in layer order."""
+        spikes, steps = ({k[1]: int(v[i]) for k, v in self.counts.items() if k[0] == quantity and i < len(v)}
+                         for quantity in ("spikes", "neuron_steps"))
+        return {layer: spikes[layer] / steps[layer] for layer in sorted(steps, key=_layer_order) if steps[layer]}
 
     def total(self) -> EnergyCounts:
         counts = EnergyCounts()

@@ -235,16 +235,10 @@ def build_config(preset_name: str, tokenizer, **overrides) -> SpikeLMConfig:
 
 
 def gpt2_config(preset_name: str, tokenizer, block_size: int):
-    """A GPT-2 of the same width, depth, heads, MLP and vocabulary as a spikelm preset. No dropout: the
-    spiking model has none, and the comparison is at an equal, short training budget."""
-    from transformers import GPT2Config
+    """The GPT-2 matched in parameters to the spikelm model of a preset (spikelm.references)."""
+    from .references import matched_gpt2_config
 
-    settings = preset(preset_name)
-    return GPT2Config(vocab_size=len(tokenizer), n_embd=settings["hidden_size"], n_layer=settings["num_hidden_layers"],
-                      n_head=settings["num_attention_heads"], n_inner=settings.get("intermediate_size"),
-                      n_positions=max(1024, block_size), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id)
+    return matched_gpt2_config(build_config(preset_name, tokenizer), block_size)
 
 
 # ================================================================ training

@@ -8,7 +8,7 @@ from spikelm.energy import norm_ops, neuron_ops, ssa_ops
 from conftest import tiny_config
 
 
-def hand_model():
+def hand_model(**overrides):
     """1 layer, D=4, one head (d=4), T=2, MLP 8, vocab 3. Every token's embedding is [3, 1, -1, -3], whose
     LayerNorm is about [1.342, 0.447, -0.447, -1.342]: over two steps (leak 0.5, threshold 1) the first
     element spikes twice (1.342; 0.171 + 1.342) and the others never, in each neuron fed by a norm.
@@ -16,7 +16,8 @@ def hand_model():
     zero, so the residual stream never changes; with scale 0.5 the attention read-out (0.5 at most: one
     coinciding spike, divided by the decay sum) never spikes."""
     config = tiny_config("ssa", vocab_size=3, hidden_size=4, num_hidden_layers=1, num_attention_heads=1,
-                         time_steps=2, intermediate_size=8, leak=0.5, threshold=1.0, attention_scale=0.5)
+                         time_steps=2, intermediate_size=8, leak=0.5, threshold=1.0, attention_scale=0.5,
+                         **overrides)
     model = SpikeLMForCausalLM(config).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -67,6 +68,22 @@ def test_counts_equal_hand_computed_values():
     # the totals are the sum of the rows
     assert sum(r["ac"] for r in report["rows"]) == pytest.approx(report["ac_per_token"])
     assert sum(r["pj"] for r in report["rows"]) == pytest.approx(report["pj_per_token"])
+
+
+def test_gated_decay_adds_its_gate_and_nothing_else():
+    """The hand model with a gate g = sigmoid(W_g s + b) (W_g zeroed like the other matrices): W_g [1 x 4] reads
+    the attention neuron's 2 spikes per token (1 AC each); per head and token the gate adds T - 1 = 1 AC to sum
+    the steps, 1 MAC for 1/T, 1 AC for the bias, 2 MACs and 1 AC for the sigmoid."""
+    fixed = energy_report(hand_model(), torch.zeros(1, 2, dtype=torch.long))
+    gated = energy_report(hand_model(gated_decay=True), torch.zeros(1, 2, dtype=torch.long))
+    rows = lambda report: {(r["layer"], r["kind"]): r for r in report["rows"]}  # noqa: E731
+    fixed_rows, gated_rows = rows(fixed), rows(gated)
+    tokens = 2
+    assert gated_rows[("layers.0", "weights")]["ac"] * tokens == fixed_rows[("layers.0", "weights")]["ac"] * tokens + 4
+    assert gated_rows[("layers.0", "attention")]["ac"] * tokens == 4 + 16 + tokens * 3
+    assert gated_rows[("layers.0", "attention")]["mac"] * tokens == 2 * (32 + 1 + 1 + 8) + tokens * 3
+    assert gated["ac_per_token"] * tokens == 436 + 4 + 6
+    assert gated["mac_per_token"] * tokens == 414 + 6
 
 
 def test_rules():

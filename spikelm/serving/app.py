@@ -13,10 +13,12 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -29,7 +31,11 @@ from .settings import ServeSettings
 
 logger = logging.getLogger("spikelm.serving")
 
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+ROUTES = ("/", "/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+# The playground page (GET /): static files shipped in the package; it loads nothing from anywhere else.
+STATIC_DIR = Path(__file__).parent / "static"
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
 class APIError(Exception):
@@ -173,6 +179,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return {"status": "ok", "active_sequences": engine.active_count, "queue_depth": engine.waiting_count}
 
+    @app.get("/")
+    async def playground():  # the page needs no key; the API calls it makes send the one typed into it
+        return FileResponse(STATIC_DIR / "index.html", headers=PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
     @app.get("/metrics")
     async def metrics():
         return Response(app.state.metrics.render(), media_type=CONTENT_TYPE)
@@ -290,7 +302,8 @@ def make_usage(usage) -> schemas.Usage:
 
 def token_energy(event) -> schemas.TokenEnergy:
     e = event.energy
-    return schemas.TokenEnergy(pj=event.pj, ac=e.ac, mac=e.mac, firing_rate=e.firing_rate)
+    return schemas.TokenEnergy(pj=event.pj, ac=e.ac, mac=e.mac, firing_rate=e.firing_rate,
+                               firing_rate_per_layer=event.firing_rate_per_layer, gpt2_pj=event.gpt2_pj)
 
 
 class Reply:

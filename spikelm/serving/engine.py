@@ -142,6 +142,8 @@ class SequenceEvent:
     token_id: int | None = None
     energy: EnergyCounts | None = None
     pj: float = 0.0
+    firing_rate_per_layer: dict[str, float] | None = None  # of the forward pass that made the token
+    gpt2_pj: float = 0.0  # the same-shape GPT-2 doing that forward pass's work (with a KV cache)
     finish_reason: str | None = None  # "stop", "length"; None while generating
     usage: RequestUsage | None = None
     error: str | None = None
@@ -173,18 +175,6 @@ class Sequence:
 
 
 # ================================================================ the engine
-
-
-def _concat_caches(batch, new):
-    """Append the rows of cache `new` to cache `batch` (in place); returns the batched cache."""
-    if batch is None:
-        return new
-    for layer, extra in zip(batch.layers, new.layers):
-        layer.attention_state = torch.cat([layer.attention_state, extra.attention_state], dim=1)
-        layer.previous_spikes = torch.cat([layer.previous_spikes, extra.previous_spikes], dim=1)
-        layer.decay_sum = torch.cat([layer.decay_sum, extra.decay_sum], dim=0)
-    batch.seen_tokens = max(batch.seen_tokens, new.seen_tokens)  # > 0 selects the recurrent form
-    return batch
 
 
 class Engine:
@@ -299,7 +289,7 @@ class Engine:
                 self._emit(sequence, SequenceEvent(error=f"generation failed: {error}", finish_reason="error"))
                 continue
             if cache is not None:
-                self._cache = _concat_caches(self._cache, cache)
+                self._cache = cache if self._cache is None else self._cache.append_rows(cache)
                 self._active.append(sequence)
 
     def _prefill(self, sequence):
@@ -307,7 +297,7 @@ class Engine:
         with count_energy(self.model) as counter:
             output = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         sequence.tokens_processed += ids.shape[1]
-        finished = self._accept(sequence, output.logits[0, -1], counter.row(0))
+        finished = self._accept(sequence, output.logits[0, -1], counter.row(0), counter.row_firing_rate_per_layer(0))
         return None if finished else output.cache
 
     def _decode_step(self):
@@ -322,7 +312,8 @@ class Engine:
         keep = []
         for row, sequence in enumerate(batch):
             sequence.tokens_processed += 1
-            if not self._accept(sequence, output.logits[row, -1], counter.row(row)):
+            if not self._accept(sequence, output.logits[row, -1], counter.row(row),
+                                counter.row_firing_rate_per_layer(row)):
                 keep.append(row)
         self._keep_rows(keep)
 
@@ -338,11 +329,9 @@ class Engine:
         if not keep:
             self._cache = None
             return
-        index = torch.tensor(keep, dtype=torch.long)
-        for layer in self._cache.layers:
-            layer.batch_select_indices(index)
+        self._cache.select_rows(torch.tensor(keep, dtype=torch.long))
 
-    def _accept(self, sequence, logits, energy: EnergyCounts) -> bool:
+    def _accept(self, sequence, logits, energy: EnergyCounts, firing_rate_per_layer=None) -> bool:
         """Sample the next token from logits [V], tell the request; returns True when the sequence is done."""
         token = sample_next(logits, sequence.params, sequence.generator)
         sequence.generated.append(token)
@@ -356,20 +345,25 @@ class Engine:
         if finish == "length" or token in self.eos_ids:
             delta += sequence.text.flush()  # nothing more is coming: send what was held back
         event = SequenceEvent(text=delta, token_id=token, energy=energy,
-                              pj=energy.picojoules(self.e_ac_pj, self.e_mac_pj), finish_reason=finish)
+                              pj=energy.picojoules(self.e_ac_pj, self.e_mac_pj), finish_reason=finish,
+                              firing_rate_per_layer=firing_rate_per_layer, gpt2_pj=self._gpt2_pj(energy))
         if finish is not None:
             sequence.finished = True
             event.usage = self._usage(sequence)
         self._emit(sequence, event)
         return sequence.finished
 
-    def _usage(self, sequence) -> RequestUsage:
-        energy = sequence.energy
+    def _gpt2_pj(self, energy: EnergyCounts) -> float:
+        """The same-shape GPT-2 doing the work `energy` counts (its MACs are linear in tokens, logits and
+        context, so the shares of a request's forward passes add up to the request's)."""
         reference = gpt2_reference_counts(self.config, energy.tokens, logits=energy.logits, context=energy.context)
+        return self.e_mac_pj * reference["total"]
+
+    def _usage(self, sequence) -> RequestUsage:
         return RequestUsage(prompt_tokens=len(sequence.prompt_ids), completion_tokens=len(sequence.generated),
                             energy=sequence.energy, tokens_processed=sequence.tokens_processed,
                             pj=sequence.energy.picojoules(self.e_ac_pj, self.e_mac_pj),
-                            gpt2_pj=self.e_mac_pj * reference["total"])
+                            gpt2_pj=self._gpt2_pj(sequence.energy))
 
     def _emit(self, sequence, event):
         try:

@@ -182,6 +182,8 @@ class TokenEnergy(BaseModel):
     ac: int
     mac: int
     firing_rate: float
+    firing_rate_per_layer: dict[str, float] | None = None  # "layers.0", ..., "head", in layer order
+    gpt2_pj: float | None = None  # the same-shape GPT-2 doing the same forward pass (with a KV cache)
 
 
 class CompletionChoice(BaseModel):
