@@ -187,3 +187,31 @@ def test_a_byte_level_bpe_teacher_end_to_end(tmp_path):
     run = spikelm("generate", "--model", student, "--prompt", "ROMEO:", "--max-new-tokens", 5, "--json")
     assert run.returncode == 0, run.stderr[-1500:]
     assert json.loads(run.stdout)["text"].startswith("ROMEO:")
+
+
+def test_distill_init_from_teacher_starts_from_its_weights(tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    text = shakespeare_text(30_000)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text)
+    tokenizer = byte_level_bpe([text])
+    teacher = tmp_path / "teacher"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_inner=64,
+                               bos_token_id=0, eos_token_id=0)).save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    student = tmp_path / "student"
+    run = spikelm("distill", "--teacher", teacher, "--init-from-teacher", "--time-steps", 2, "--corpus", corpus,
+                  "--output", student, "--max-steps", 1, "--lr", 1e-9, "--block-size", 32, "--batch-size", 4,
+                  "--max-eval-blocks", 4, "--eval-steps", 1000, "--save-steps", 1000)
+    assert run.returncode == 0, run.stderr[-1500:]
+    model = AutoModelForCausalLM.from_pretrained(student)
+    assert model.config.neuron_type == "if" and model.config.time_steps == 2 and model.config.hidden_size == 32
+    # one step at a vanishing learning rate: the teacher's embeddings are still there
+    embeddings = load_file(teacher / "model.safetensors")["transformer.wte.weight"]
+    assert torch.allclose(model.model.embed_tokens.weight, embeddings, atol=1e-6)
+    run = spikelm("distill", "--teacher", teacher, "--init-from-teacher", "--preset", "tiny", "--corpus", corpus,
+                  "--output", tmp_path / "x", "--max-steps", 1)
+    assert run.returncode == 2 and "drop --model and --preset" in run.stderr
