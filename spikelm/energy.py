@@ -1,6 +1,6 @@
 """Energy accounting: synaptic operations counted exactly from the spikes that flowed.
 
-Rules (DESIGN.md section 3), one small pure function each, over counts:
+Rules (docs/design.md, "Energy"), one small pure function each, over counts:
 
 - a weight matrix out x in fed spikes: out x (number of input spikes) accumulates (ACs);
   fed real values: out x in multiply-accumulates (MACs) per input vector;

@@ -12,7 +12,8 @@ from ..serving.settings import ServeSettings
 def add_arguments(parser: argparse.ArgumentParser):
     defaults = ServeSettings.__dataclass_fields__
     d = lambda name: defaults[name].default  # noqa: E731
-    parser.add_argument("--model", required=True, help="a saved spikelm directory (model and tokenizer)")
+    parser.add_argument("--model", required=True, help="a saved spikelm model and tokenizer: directory or hub id")
+    parser.add_argument("--revision", default=None, help="branch, tag or commit of a hub id")
     parser.add_argument("--served-model-name", default=None, help="the name clients send (default: the directory's)")
     parser.add_argument("--host", default=d("host"), help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=d("port"))
@@ -45,7 +46,8 @@ def run(args) -> int:
     from ..loading import require_saved_model
     from ..serving.server import serve
 
-    settings_kwargs = dict(model=args.model, served_model_name=args.served_model_name, host=args.host, port=args.port,
+    settings_kwargs = dict(model=args.model, revision=args.revision, served_model_name=args.served_model_name,
+                           host=args.host, port=args.port,
                            max_batch=args.max_batch, max_queue=args.max_queue,
                            max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                            default_max_tokens=args.default_max_tokens, max_body_bytes=args.max_body_bytes,
@@ -55,7 +57,7 @@ def run(args) -> int:
     if args.api_key:
         settings_kwargs["api_key"] = args.api_key
     settings = ServeSettings(**settings_kwargs)
-    require_saved_model(settings.model)  # a clear message before the server starts, not in its lifespan
+    require_saved_model(settings.model, revision=settings.revision)  # a clear message before the server starts, not in its lifespan
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     serve(settings, log_level=args.log_level)
     return 0

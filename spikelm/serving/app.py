@@ -215,7 +215,8 @@ def check_api_key(request: Request, api_key: str | None):
 def create_app(settings: ServeSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        model, tokenizer = await asyncio.to_thread(load_model_and_tokenizer, settings.model)
+        model, tokenizer = await asyncio.to_thread(load_model_and_tokenizer, settings.model,
+                                                   revision=settings.revision)
         engine = Engine(model, tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,
                         dtype=getattr(torch, settings.dtype), threads=settings.threads,
                         e_ac_pj=settings.e_ac_pj, e_mac_pj=settings.e_mac_pj, step_tokens=settings.step_tokens,

@@ -12,7 +12,8 @@ DTYPES = ("float64", "float32")
 
 @dataclass
 class ServeSettings:
-    model: str  # a saved spikelm directory (model + tokenizer)
+    model: str  # a saved spikelm model + tokenizer: a directory or a hub id
+    revision: str | None = None  # of a hub id: branch, tag or commit
     served_model_name: str | None = None  # the name clients send as `model`; default: the directory's name
     host: str = "127.0.0.1"  # loopback unless told otherwise
     port: int = 8000
