@@ -151,8 +151,8 @@ def test_page_is_served_without_a_key_and_loads_nothing_from_elsewhere(server):
 
 def test_generation_shows_each_token_with_its_energy(server, browser):
     settings = {"max-tokens": 48, "temperature": 0.8, "top-p": 0.95, "seed": 1234}
+    browser.get_log("browser")  # empties the console log: from here on it is this page's
     open_page(browser, server)
-    browser.get_log("browser")  # empties the console log
     fill(browser, mode="completion", prompt=PROMPT, **settings)
     status = generate_and_wait(browser)
 
