@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from helpers import save_tiny_model
-from serving_helpers import running_server
+from serving_helpers import metric, running_server
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -227,6 +227,7 @@ def test_chat_mode_streams_from_chat_completions(server, browser):
 
 
 def test_stop_ends_a_long_generation_and_frees_the_slot(server, browser):
+    cancelled = metric(server, "spikelm_cancelled_sequences_total")
     open_page(browser, server)
     fill(browser, mode="completion", prompt=PROMPT, **{"max-tokens": 4096, "temperature": 0})
     browser.find_element("id", "generate").click()
@@ -246,6 +247,7 @@ def test_stop_ends_a_long_generation_and_frees_the_slot(server, browser):
     while health(server)["active_sequences"] != 0:  # the server noticed the closed connection
         assert time.monotonic() < deadline, "the server kept generating for a stopped request"
         time.sleep(0.05)
+    assert metric(server, "spikelm_cancelled_sequences_total") == cancelled + 1  # dropped, not finished
     # what was shown before Stop is still summed up, from the chunks that came
     assert browser.find_element("id", "sum-tokens").text == f"{shown:,}"
 
