@@ -41,10 +41,14 @@ def prepare(output: Path, preset_name: str, block_size: int):
     from spikelm.data import load_corpus, iter_texts, prepare_blocks
     from spikelm.evaluation import encode
     from spikelm.presets import preset
-    from spikelm.tokenizer import has_tokenizer, load_tokenizer, train_tokenizer
+    from spikelm.loading import has_tokenizer, load_tokenizer
+    from spikelm.tokenizer import train_tokenizer
 
+    tokenizer_dir, cached = output / "tokenizer", output / f"blocks-{block_size}.pt"
+    if cached.exists():  # every run of the table reads the same tensors
+        data = torch.load(cached)
+        return load_tokenizer(tokenizer_dir), data["train"], data["held_out"], data["held_out_bytes"]
     corpus = load_corpus()
-    tokenizer_dir = output / "tokenizer"
     if has_tokenizer(tokenizer_dir):
         tokenizer = load_tokenizer(tokenizer_dir)
     else:
@@ -53,7 +57,9 @@ def prepare(output: Path, preset_name: str, block_size: int):
     train = torch.tensor(blocks.train["input_ids"], dtype=torch.long)
     held_out_text = "".join(corpus.held_out["text"])
     held_out_ids, _ = encode(tokenizer, held_out_text)
-    return tokenizer, train, torch.tensor(held_out_ids), len(held_out_text.encode("utf-8"))
+    held_out, held_out_bytes = torch.tensor(held_out_ids), len(held_out_text.encode("utf-8"))
+    torch.save({"train": train, "held_out": held_out, "held_out_bytes": held_out_bytes}, cached)
+    return tokenizer, train, held_out, held_out_bytes
 
 
 # ================================================================ the rows
@@ -72,8 +78,8 @@ def base_config(preset_name, tokenizer, gated):
 def row_names(headline_gated: bool, preset_T: int):
     headline = "spikelm gated" if headline_gated else "spikelm"
     others = [T for T in (1, 2, 4) if T != preset_T]
-    return ["spikelm", "spikelm gated", "GPT-2 matched", "ANN twin"] + \
-        [f"{headline} T={T}" for T in others] + [f"{headline} attention zeroed"]
+    return ["spikelm", "spikelm gated", "GPT-2 matched", "ANN twin", f"{headline} attention zeroed"] + \
+        [f"{headline} T={T}" for T in others]
 
 
 def build(row: str, preset_name: str, tokenizer, block_size: int, headline_gated: bool):
@@ -135,6 +141,17 @@ def held_out_bits_per_byte(model, ids, text_bytes, window, batch=32):
     return total / math.log(2) / text_bytes
 
 
+def run_path(job) -> Path:
+    name = f"{job['row'].replace(' ', '_')}-lr{job['lr']:g}-seed{job['seed']}-{job['steps']}.json"
+    return Path(job["output"]) / "runs" / name
+
+
+def finished(job):
+    """The result of a run already done, else None."""
+    path = run_path(job)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def run_one(job):
     """Train one (row, lr, seed, steps) and return its curve. Runs in a worker process."""
     import torch
@@ -142,7 +159,7 @@ def run_one(job):
 
     torch.set_num_threads(job["threads"])
     output = Path(job["output"])
-    path = output / "runs" / f"{job['row'].replace(' ', '_')}-lr{job['lr']:g}-seed{job['seed']}-{job['steps']}.json"
+    path = run_path(job)
     if path.exists():
         return json.loads(path.read_text())
     tokenizer, train, held_out, held_out_bytes = prepare(output, job["preset"], job["block_size"])
@@ -193,6 +210,8 @@ def run_all(jobs, workers):
 
 
 def mean_std(values):
+    if not values:
+        return float("nan"), float("nan")
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
@@ -203,6 +222,8 @@ def summarise(rows, sweeps, results, steps, seeds):
         entry = {"best_lr": sweeps[row]["best_lr"], "lr_sweep": sweeps[row]["bits_per_byte"], "budgets": {}}
         for budget in steps:
             runs = [r for r in results if r["row"] == row and r["steps"] == budget]
+            if not runs:
+                continue
             values = [r["bits_per_byte"] for r in runs]
             ratios = [r["bits_per_byte"] / gpt2[(r["seed"], budget)] for r in runs if (r["seed"], budget) in gpt2]
             entry["parameters"] = runs[0]["parameters"]
@@ -222,9 +243,15 @@ def markdown(table, steps, settings):
              "|---|---|---|" + "---|---|" * len(steps)]
     for row, entry in table.items():
         cells = []
+        if "parameters" not in entry:
+            continue
         for s in steps:
-            b = entry["budgets"][str(s)]
-            cells.append(f"{b['mean']:.4f} +- {b['std']:.4f} | {b['ratio_mean']:.4f} +- {b['ratio_std']:.4f}")
+            b = entry["budgets"].get(str(s))
+            if b is None:
+                cells.append("- | -")
+                continue
+            seeds = "" if len(b["seeds"]) == len(settings["seeds"]) else f" ({len(b['seeds'])} seed(s))"
+            cells.append(f"{b['mean']:.4f} +- {b['std']:.4f}{seeds} | {b['ratio_mean']:.4f} +- {b['ratio_std']:.4f}")
         lines.append(f"| {row} | {entry['parameters']:,} | {entry['best_lr']:g} | " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"Mean +- standard deviation over seeds {settings['seeds']}; the ratio to GPT-2 is taken seed by seed "
@@ -248,6 +275,8 @@ def plot(results, rows, steps, seeds, path):
     fig, ax = plt.subplots(figsize=(8, 5))
     for row in rows:
         curves = [r["curve"] for r in results if r["row"] == row and r["steps"] == budget]
+        if not curves:
+            continue
         length = min(len(c) for c in curves)
         tokens = np.array([c[0] for c in curves[0][:length]])
         values = np.array([[p[1] for p in c[:length]] for c in curves])
@@ -271,6 +300,11 @@ def main(argv=None):
     parser.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2], help="the sweep")
     parser.add_argument("--sweep-steps", type=int, default=300)
     parser.add_argument("--rows", nargs="+", default=None, help="a subset of the rows (default: all)")
+    parser.add_argument("--sweep-rows", nargs="+", default=None,
+                        help="rows with a learning-rate sweep of their own (default: all); the others take the "
+                             "headline row's best learning rate")
+    parser.add_argument("--summarise-only", action="store_true",
+                        help="write the table from the runs finished so far (rows missing a seed show fewer)")
     parser.add_argument("--headline", choices=("fixed", "gated"), default="gated",
                         help="the spikelm row whose T ablation, ANN twin and zeroed attention the table shows")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -293,17 +327,27 @@ def main(argv=None):
                   curve_points=args.curve_points, threads=args.threads, output=str(output),
                   headline_gated=headline_gated)
 
+    headline = "spikelm gated" if headline_gated else "spikelm"
+    sweep_rows = args.sweep_rows or rows
     sweep_jobs = [dict(common, row=row, lr=lr, seed=args.seeds[0], steps=args.sweep_steps, curve_points=1)
-                  for row in rows for lr in args.lrs]
+                  for row in sweep_rows for lr in args.lrs]
     sweep_results = run_all(sweep_jobs, args.workers)
     sweeps = {}
-    for row in rows:
+    for row in sweep_rows:
         scores = {r["lr"]: r["bits_per_byte"] for r in sweep_results if r["row"] == row}
         sweeps[row] = {"bits_per_byte": {f"{lr:g}": v for lr, v in scores.items()},
                        "best_lr": min(scores, key=scores.get)}
+    for row in rows:  # rows without a sweep of their own (variants of the headline model) take its lr
+        sweeps.setdefault(row, {"bits_per_byte": {}, "best_lr": sweeps[headline]["best_lr"]})
     jobs = [dict(common, row=row, lr=sweeps[row]["best_lr"], seed=seed, steps=steps)
             for steps in args.steps for seed in args.seeds for row in rows]
-    results = run_all(jobs, args.workers)
+    # the swept rows over every seed first, then the other rows seed by seed: a table cut short by time still
+    # has the main comparison complete
+    jobs.sort(key=lambda job: (job["steps"], job["row"] not in sweep_rows and 1 + args.seeds.index(job["seed"])))
+    if args.summarise_only:  # the runs finished so far
+        results = [r for r in map(finished, jobs) if r is not None]
+    else:
+        results = run_all(jobs, args.workers)
 
     settings = {**vars(args), "held_out_tokens": len(held_out), "held_out_bytes": held_out_bytes,
                 "train_blocks": len(train), "torch_threads": args.threads, "machine": os.uname().nodename}

@@ -5,7 +5,8 @@ Rules (DESIGN.md section 3), one small pure function each, over counts:
 - a weight matrix out x in fed spikes: out x (number of input spikes) accumulates (ACs);
   fed real values: out x in multiply-accumulates (MACs) per input vector;
 - spike attention: what its recurrent form performs. The state update and the read-out add only where
-  spikes are 1 (ACs); the decay, the decay sum and the scale are multiplications (MACs);
+  spikes are 1 (ACs); the decay, the decay sum and the scale are multiplications (MACs); a gated decay adds
+  its matrix (fed spikes, as any other) and, per head and token, its sum over the steps, bias and sigmoid;
 - neurons: per neuron and step, charging is a MAC (leak * v + x; an AC for IF, whose leak is 1) and the
   threshold comparison an AC; a soft reset subtracts the threshold once per spike (AC);
 - the membrane shortcut adds each branch's output to the residual stream: an AC per element and step,
@@ -253,8 +254,8 @@ class EnergyCounter:
         self._add(("neuron_steps", layer, None), spikes[:, 0].numel(), rows)
 
     def attention(self, module, q, k, v, mask, attended):
-        ac, mac = module.count_ops(q, k, v)  # per batch row, by its kind's rule (ssa_ops or sdsa_ops, gate_ops)
-        self.add(self.labels[module], "attention", (ac, mac), q.shape[1])
+        # per batch row, by its kind's rule (ssa_ops or sdsa_ops) and, with a gated decay, gate_ops
+        self.add(self.labels[module], "attention", module.count_ops(q, k, v), q.shape[1])
 
     def head_average(self, module, logits):  # logits [B, n, V]
         rows, kept, vocab = logits.shape
