@@ -272,7 +272,10 @@ def test_busy_server_answer_names_its_retry_after(model_dir, browser):
                           headers={"Authorization": f"Bearer {API_KEY}"}) as hog:  # takes the only slot
             lines = hog.iter_lines()  # held: a dropped iterator would close the connection
             next(lines)
-            assert health(base)["active_sequences"] == 1
+            deadline = time.monotonic() + 10  # the first token comes out just before its sequence joins the batch
+            while health(base)["active_sequences"] != 1:
+                assert time.monotonic() < deadline, "the long request did not take the slot"
+                time.sleep(0.02)
             open_page(browser, base)
             fill(browser, mode="completion", prompt=PROMPT, **{"max-tokens": 8})
             status = generate_and_wait(browser)
