@@ -187,10 +187,13 @@ def test_generation_shows_each_token_with_its_energy(server, browser):
     assert float(summary["sum-ratio"].get_attribute("data-value")) == usage["energy_ratio_to_gpt2"]
     assert float(browser.find_element("id", "sum-rate").get_attribute("data-value")) > 0
     # and every further per-token figure the usage reports (memory traffic, other references) gets a row
-    further = [value for key, value in usage.items() if re.fullmatch(r"energy_(.+)_pj_per_token", key)
-               and key != "energy_gpt2_pj_per_token" and value > 0]
+    further = {match[1]: value for key, value in usage.items()
+               if (match := re.fullmatch(r"energy_(.+)_pj_per_token", key)) and match[1] != "gpt2" and value > 0}
     rows = browser.find_elements("css selector", "#sum-extra td")
-    assert [float(cell.get_attribute("data-value")) for cell in rows] == further
+    assert [float(cell.get_attribute("data-value")) for cell in rows] == list(further.values())
+    # and the other models' compute (not memory traffic, not compute + memory) is drawn as a line each
+    others = [name for name in further if name not in ("memory", "total") and not name.endswith("_total")]
+    assert len(browser.find_elements("css selector", "#chart line.ref")) == len(others)
     # the last token's firing rate by layer, as bars
     bars = browser.find_elements("css selector", "#layers rect.bar")
     last = energies[-1]["firing_rate_per_layer"]
