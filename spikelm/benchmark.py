@@ -120,28 +120,25 @@ def state_bytes(cache):
 
 
 def build_models(settings):
-    """-> [(name, model)]: GPT-2 first, then a spikelm model per number of time steps, all the same shape."""
+    """-> [(name, model)]: GPT-2 first (matched in parameters), then a spikelm model per number of time steps."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     from . import SpikeLMConfig, SpikeLMForCausalLM
+    from .references import matched_gpt2_config
 
     s = settings
+    configs = [SpikeLMConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
+                             num_hidden_layers=s["num_hidden_layers"], num_attention_heads=s["num_attention_heads"],
+                             intermediate_size=s["intermediate_size"], time_steps=T,
+                             attention_type=s["attention_type"], bos_token_id=0, eos_token_id=0)
+               for T in s["time_steps"]]
     torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(
-        vocab_size=s["vocab_size"], n_embd=s["hidden_size"], n_layer=s["num_hidden_layers"],
-        n_head=s["num_attention_heads"], n_inner=s["intermediate_size"],
-        n_positions=max(s["contexts"]) + s["decode_tokens"] + 1,  # room for the prompt and the decoded tokens
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # spikelm has no dropout: compare like with like
-        bos_token_id=0, eos_token_id=0))
+    # room for the prompt and the decoded tokens; as many parameters as spikelm
+    gpt2 = GPT2LMHeadModel(matched_gpt2_config(configs[0], max(s["contexts"]) + s["decode_tokens"] + 1))
     models = [("gpt2", gpt2)]
-    for T in s["time_steps"]:
-        config = SpikeLMConfig(vocab_size=s["vocab_size"], hidden_size=s["hidden_size"],
-                               num_hidden_layers=s["num_hidden_layers"],
-                               num_attention_heads=s["num_attention_heads"],
-                               intermediate_size=s["intermediate_size"], time_steps=T,
-                               attention_type=s["attention_type"])
-        models.append((f"spikelm T={T}", SpikeLMForCausalLM(config)))
+    for config in configs:
+        models.append((f"spikelm T={config.time_steps}", SpikeLMForCausalLM(config)))
     return models
 
 

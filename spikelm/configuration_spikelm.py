@@ -8,7 +8,7 @@ are strict dataclasses, validated by `validate_*` methods.
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
-NEURON_TYPES = ("lif", "if", "qcfs")
+NEURON_TYPES = ("lif", "if", "qcfs", "relu")
 RESET_TYPES = ("soft", "hard")
 SURROGATES = ("arctan", "sigmoid", "triangle")
 ATTENTION_TYPES = ("ssa", "sdsa")
@@ -18,7 +18,7 @@ NORM_TYPES = ("layernorm", "rmsnorm")
 @strict
 class SpikeLMConfig(PreTrainedConfig):
     r"""
-    Configuration of a spike-driven Transformer decoder (see DESIGN.md, section 2).
+    Configuration of a spike-driven Transformer decoder (see docs/design.md, "The model").
 
     Example:
     ```python
@@ -41,8 +41,9 @@ class SpikeLMConfig(PreTrainedConfig):
 
     # --- spiking neurons ---
     time_steps: int = 4  # T: spiking steps per token
-    # "lif" (leaky), "if" (integrate-and-fire: leak 1), or "qcfs": the ANN twin used for conversion, where each
-    # neuron is a clip-floor-shift activation with `quantization_levels` levels (use it with time_steps=1)
+    # "lif" (leaky), "if" (integrate-and-fire: leak 1), or an ANN twin's real-valued stand-in (time_steps=1):
+    # "qcfs", the twin used for conversion, a clip-floor-shift activation with `quantization_levels` levels;
+    # "relu", the rate clamp(x / threshold, 0, 1): the same architecture without spikes
     neuron_type: str = "lif"
     quantization_levels: int = 4  # qcfs only: the T of the spiking model it converts to
     leak: float = 0.5  # beta in v[t] = beta * v[t-1] + x[t]; ignored for "if"
@@ -59,6 +60,9 @@ class SpikeLMConfig(PreTrainedConfig):
     # Per-head decay gamma_h in (0, 1]; None spreads them as 1 - 2^-(4 + 6h/H) (short to long memory).
     attention_decay: list[float] | None = None
     learn_decay: bool = False  # learn the decays (kept in (0, 1))
+    # Per-token decays g_i = sigmoid(W_g s_i + b_h), read from the attention's input spikes, with b_h starting at
+    # the logit of attention_decay[h] (a data-dependent forgetting, as in gated linear attention and Mamba)
+    gated_decay: bool = False
     token_shift: bool = True  # K and V also see the previous token's spikes
     # Read-out scale; None means 64 / d for "ssa" (so that spikes firing at ~1/4 reach the threshold) and 1 for
     # "sdsa" (whose read-out is a mean). A list gives one per layer (conversion folds thresholds into it).
@@ -117,6 +121,8 @@ class SpikeLMConfig(PreTrainedConfig):
         need(self.quantization_levels >= 1, "quantization_levels", "must be a positive integer")
         need(self.neuron_type != "qcfs" or self.time_steps == 1, "time_steps",
              "must be 1 for the qcfs ANN twin (its levels are quantization_levels)")
+        need(self.neuron_type != "relu" or self.time_steps == 1, "time_steps",
+             "must be 1 for the relu ANN twin (its activations are real-valued rates)")
         need(self.norm_type in NORM_TYPES, "norm_type", f"must be one of {NORM_TYPES}")
         need(self.norm_eps > 0.0, "norm_eps", "must be positive")
         need(self.initializer_range > 0.0, "initializer_range", "must be positive")

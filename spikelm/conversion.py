@@ -23,19 +23,12 @@ from torch import nn
 from .configuration_spikelm import SpikeLMConfig
 from .errors import SpikeLMError
 from .modeling_spikelm import SpikeLMForCausalLM
-
-
-def _fields(config: SpikeLMConfig) -> dict:
-    """The config's own fields, without what save_pretrained adds, to build a variant from."""
-    settings = config.to_dict()
-    for key in ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path"):
-        settings.pop(key, None)
-    return settings
+from .references import config_fields
 
 
 def ann_twin_config(config: SpikeLMConfig, levels: int | None = None) -> SpikeLMConfig:
     """The ANN twin of a spiking config: same shape, QCFS activations with `levels` (default: its T) levels."""
-    settings = _fields(config)
+    settings = config_fields(config)
     levels = levels or config.time_steps
     settings.update(neuron_type="qcfs", quantization_levels=levels, time_steps=1, threshold=1.0,
                     initial_membrane=0.0, learn_leak=False)
@@ -58,7 +51,7 @@ def convert_to_snn(twin: SpikeLMForCausalLM) -> SpikeLMForCausalLM:
         raise SpikeLMError("convert needs an ANN twin (neuron_type 'qcfs'): train one with `spikelm convert`")
     layers = twin.model.layers
     base_scales = [layer.attention.scale for layer in layers]
-    settings = _fields(config)
+    settings = config_fields(config)
     settings.update(neuron_type="if", time_steps=config.quantization_levels, threshold=1.0, initial_membrane=0.5,
                     reset="soft", learn_leak=False)
 
@@ -68,10 +61,10 @@ def convert_to_snn(twin: SpikeLMForCausalLM) -> SpikeLMForCausalLM:
         attention = layer.attention
         lam = {name: float(getattr(attention, name).threshold) for name in
                ("q_neuron", "k_neuron", "v_neuron", "readout_neuron")}
-        if attention.kind == "ssa":
-            scales.append(scale * lam["q_neuron"] * lam["k_neuron"] * lam["v_neuron"] / lam["readout_neuron"])
-        else:  # the running mean of k*v feeds the read-out neuron; q only masks
+        if attention.kind.q_masks_readout:  # the running mean of k*v feeds the read-out neuron; q only masks
             scales.append(scale * lam["k_neuron"] * lam["v_neuron"] / lam["readout_neuron"])
+        else:
+            scales.append(scale * lam["q_neuron"] * lam["k_neuron"] * lam["v_neuron"] / lam["readout_neuron"])
     settings["attention_scale"] = scales
     snn = SpikeLMForCausalLM(SpikeLMConfig(**settings))
     state = {k: v for k, v in copy.deepcopy(twin.state_dict()).items() if not k.endswith(".clip")}
@@ -90,7 +83,9 @@ def convert_to_snn(twin: SpikeLMForCausalLM) -> SpikeLMForCausalLM:
         layer.attention.kv_proj.weight[:D].mul_(a / k)
         layer.attention.kv_proj.weight[D:].mul_(a / v)
         # o_proj reads the read-out spikes (ssa) or q masked by them (sdsa)
-        layer.attention.o_proj.weight.mul_(r if att.kind == "ssa" else q * r)
+        layer.attention.o_proj.weight.mul_(q * r if att.kind.q_masks_readout else r)
+        if layer.attention.gate_proj is not None:  # the gate reads the attention neuron's spikes
+            layer.attention.gate_proj.weight.mul_(a)
         _scale_norm(layer.mlp_norm, 1 / m)
         layer.mlp.fc_in.weight.mul_(m / h)
         layer.mlp.fc_out.weight.mul_(h)
@@ -130,7 +125,7 @@ def train_and_convert(config: SpikeLMConfig, data, options, levels: int | None =
     import json
     from pathlib import Path
 
-    from .training import SpikeLMTrainer, train
+    from .training import SpikeLMTrainer, train, write_card
 
     output = Path(options.output)
     twin_options = dataclasses.replace(options, output=str(output / TWIN_DIR))  # the twin trains in a folder of its own
@@ -149,6 +144,8 @@ def train_and_convert(config: SpikeLMConfig, data, options, levels: int | None =
         snn.save_pretrained(output)
         data.tokenizer.save_pretrained(output)
         (output / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_card(output, snn, {"eval_bits_per_byte": report["converted_bits_per_byte"]}, data, options,
+                   base=str(output / TWIN_DIR))
         print(f"ANN twin: {report['twin_bits_per_byte']:.3f} bits per byte; converted to T={snn.config.time_steps} "
               f"IF neurons: {report['converted_bits_per_byte']:.3f} (gap {report['gap_bits_per_byte']:+.3f}); "
               f"saved to {output}. Close the gap with: spikelm distill --model {output} "

@@ -1,11 +1,13 @@
 """Energy accounting: operations counted exactly from the spikes that flowed, and the memory traffic they cause.
 
-Operation rules (the README's "Energy accounting"), one small pure function each, over counts:
+Operation rules (docs/design.md, "Energy"; the README's "Energy accounting"), one small pure function each, over
+counts:
 
 - a weight matrix out x in fed spikes: out x (number of input spikes) accumulates (ACs);
   fed real values: out x in multiply-accumulates (MACs) per input vector;
 - spike attention: what its recurrent form performs. The state update and the read-out add only where
-  spikes are 1 (ACs); the decay, the decay sum and the scale are multiplications (MACs);
+  spikes are 1 (ACs); the decay, the decay sum and the scale are multiplications (MACs); a gated decay adds
+  its matrix (fed spikes, as any other) and, per head and token, its sum over the steps, bias and sigmoid;
 - neurons: per neuron and step, charging is a MAC (leak * v + x; an AC for IF, whose leak is 1) and the
   threshold comparison an AC; a soft reset subtracts the threshold once per spike (AC);
 - the membrane shortcut adds each branch's output to the residual stream: an AC per element and step,
@@ -49,6 +51,7 @@ activations counted as one comparison each), priced at the chosen precision.
 Hooks and `counter` attributes only collect counts; the arithmetic lives in the rule functions.
 """
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
@@ -139,6 +142,15 @@ def sdsa_ops(time_steps: int, heads: int, width: int, tokens: int, coincidences:
     return ac, mac
 
 
+def gate_ops(time_steps: int, heads: int, tokens: int) -> tuple[int, int]:
+    """A gated decay g = sigmoid(W_g s + b), per head and token, beyond W_g's own ACs (a weight matrix fed
+    spikes): summing its T steps (T - 1 ACs), the 1/T of the mean (1 MAC), the bias (1 AC), the sigmoid
+    1 / (1 + exp(-x)) (exp and reciprocal: 2 MACs, + 1: 1 AC). Multiplying the state and the decay sum by g
+    costs what a fixed decay does (ssa_ops, sdsa_ops)."""
+    per = tokens * heads
+    return per * (time_steps - 1 + 1 + 1), per * (1 + 2)
+
+
 def head_average_ops(vocab_size: int, tokens: int) -> tuple[int, int]:
     """Logits are the mean over T: the head's outputs accumulate over the steps (counted as its ACs), then one
     multiplication by 1/T per logit."""
@@ -163,16 +175,10 @@ def neuron_state_traffic(neuron_steps: int) -> tuple[int, int]:
     return neuron_steps, neuron_steps
 
 
-def ssa_state_traffic(time_steps: int, heads: int, head_dim: int, tokens: int) -> tuple[int, int]:
-    """(reads, writes) of the recurrent form: the H d x d state at each step (the decay touches all of it) and
-    the H decay sums once per token."""
-    values = tokens * (time_steps * heads * head_dim * head_dim + heads)
-    return values, values
-
-
-def sdsa_state_traffic(time_steps: int, heads: int, width: int, tokens: int) -> tuple[int, int]:
-    """(reads, writes): the D running sums at each step and the H decay sums once per token."""
-    values = tokens * (time_steps * width + heads)
+def attention_state_traffic(state_values: int, heads: int, tokens: int) -> tuple[int, int]:
+    """(reads, writes) of the recurrent form per row: its whole state each token (the decay touches all of it;
+    ssa: T H d^2 values, sdsa: T D) and the H decay sums."""
+    values = tokens * (state_values + heads)
     return values, values
 
 
@@ -335,8 +341,13 @@ def ann_twin_reference_counts(config, tokens, logits=None) -> EnergyCounts:
     else:
         attention_mac = 2 * D + H * (1 + RECIPROCAL_MACS) + D + D
         state = D + H
+    if getattr(config, "gated_decay", False):  # the gate's matrix (H x D, fed real values) and its sigmoid
+        weights += L * H * D
+        attention_mac += gate_ops(1, H, 1)[1]
     activations = L * (D + 4 * D + D + inner) + D  # attention input, q, k, v, read-out; MLP input, hidden; output
     norm_ac, norm_mac = norm_ops(config.norm_type, D, 2 * L + 1)
+    if getattr(config, "gated_decay", False):
+        norm_ac += L * gate_ops(1, H, 1)[0]
     shift = D if config.token_shift else 0
     return EnergyCounts(
         ac=tokens * (activations + norm_ac + 2 * L * D),
@@ -488,20 +499,12 @@ class EnergyCounter:
         self._add(("neuron_steps", layer, None), steps, rows)
 
     def attention(self, module, q, k, v, mask, attended):
-        layer = self.labels[module]
+        # per batch row, by its kind's rule (ssa_ops or sdsa_ops) and, with a gated decay, gate_ops
         T, B, n, D = q.shape
-        H, d = module.num_heads, module.head_dim
-        if module.kind == "ssa":
-            k_count = k.reshape(T, B, n, H, d).sum(-1).long()
-            v_count = v.reshape(T, B, n, H, d).sum(-1).long()
-            pairs = (k_count * v_count).sum(dim=(0, 2, 3))
-            ops = ssa_ops(T, H, d, n, pairs, _nonzeros_per_row(q))
-            state = ssa_state_traffic(T, H, d, n)
-        else:
-            ops = sdsa_ops(T, H, D, n, _nonzeros_per_row(k * v))
-            state = sdsa_state_traffic(T, H, D, n)
-        self.add(layer, "attention", ops, B)
-        self.add_traffic(layer, "attention", B, state=state,
+        self.add(self.labels[module], "attention", module.count_ops(q, k, v), B)
+        state = math.prod(module.kind.state_shape(T, 1, module.num_heads, module.head_dim))  # one row's state
+        self.add_traffic(self.labels[module], "attention", B,
+                         state=attention_state_traffic(state, module.num_heads, n),
                          spike=token_shift_traffic(T, D, n) if module.token_shift else (0, 0))
 
     def head_average(self, module, logits):  # logits [B, n, V]
@@ -564,6 +567,12 @@ class EnergyCounter:
             if i < len(values):
                 totals[quantity] += int(values[i])
         return EnergyCounts(**totals)
+
+    def row_firing_rate_per_layer(self, i) -> dict[str, float]:
+        """Spikes per neuron and time step of batch row i, by layer ("layers.0", ..., "head"), in layer order."""
+        spikes, steps = ({k[1]: int(v[i]) for k, v in self.counts.items() if k[0] == quantity and i < len(v)}
+                         for quantity in ("spikes", "neuron_steps"))
+        return {layer: spikes[layer] / steps[layer] for layer in sorted(steps, key=_layer_order) if steps[layer]}
 
     def total(self) -> EnergyCounts:
         totals = dict.fromkeys(COUNTED, 0)

@@ -3,7 +3,7 @@
 Shapes: T spiking time steps, B batch, N tokens, D width, H heads, d = D / H.
 Time comes first in every spiking tensor: [T, B, N, D].
 
-The model (DESIGN.md section 2), after Spikformer (Zhou et al. 2023), the
+The model (docs/design.md), after Spikformer (Zhou et al. 2023), the
 Spike-driven Transformer (Yao et al. 2023), SpikeGPT (Zhu et al. 2023) and
 RetNet's decayed linear attention (Sun et al. 2023):
 
@@ -19,6 +19,7 @@ position 10,000.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,93 +32,167 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import PreTrainedModel
 
 from .configuration_spikelm import SpikeLMConfig
-from .neurons import QCFSActivation, SpikingNeuron
+from .neurons import QCFSActivation, SpikingNeuron, leak_logit
 
 # The parallel form runs over chunks of this many tokens, carrying the recurrent
 # state between them: memory stays O(chunk^2) however long the prompt.
 ATTENTION_CHUNK = 256
+# A learned or gated decay is sigmoid(logit); a decay of 1 (no forgetting) has no finite logit, so it starts here.
+MAX_INITIAL_DECAY = 1 - 1e-4
+# std of the gate's matrix W_g: small, so that every gate starts near its head's fixed decay
+GATE_INIT_STD = 0.02
 
 
 # ================================================================ causal spike attention (pure functions)
+#
+# Decays arrive per token: `log_decay` [B or 1, H, n] holds log g_i for each head and token of a chunk, so that
+# one set of functions serves a fixed decay (g_i = gamma, the same at every token) and a gated one
+# (g_i = sigmoid(W_g s_i + b), read from the attention's input spikes). With A_i = sum_{j<=i} log g_j, the
+# product of the decays between two tokens is exp(A_i - A_j) (cumulative log-decays, as in gated linear
+# attention, Yang et al. 2024), which for a fixed decay is gamma^(i-j).
+
+# Below this, 1 / z is taken as 0: no token has been seen yet (a padded prefix reads out nothing).
+MIN_DECAY_SUM = 1e-30
 
 
-def decay_weights(decay, n):
-    """gamma_h^(i-j) for j <= i, else 0. decay: [H] -> [H, n, n]."""
-    position = torch.arange(n, device=decay.device)
-    distance = position[:, None] - position[None, :]  # i - j
-    weights = torch.exp(distance.clamp(min=0).to(decay.dtype) * torch.log(decay)[:, None, None])
-    return weights * (distance >= 0)
+def decay_weights(log_decay, n):
+    """prod_{j<l<=i} g_l = exp(A_i - A_j) for j <= i, else 0. log_decay: [B', H, n] -> [B', H, n, n]."""
+    cumulative = log_decay.cumsum(-1)  # A: [B', H, n]
+    causal = torch.ones(n, n, dtype=torch.bool, device=log_decay.device).tril()
+    difference = cumulative[..., :, None] - cumulative[..., None, :]  # A_i - A_j
+    return torch.exp(difference.masked_fill(~causal, float("-inf")))  # the mask first: exp(+large) overflows
 
 
-def decay_sums(decay, n, mask, previous_sum):
-    """Running decay sum z_i = gamma * z_{i-1} + m_i over a chunk. -> [B, H, n]."""
-    weights = decay_weights(decay, n)  # [H, n, n]
-    within = torch.einsum("hij,bj->bhi", weights, mask)
-    carried = decay[None, :, None] ** torch.arange(1, n + 1, device=decay.device)[None, None, :]
+def _carried_and_to_end(log_decay):
+    """From a chunk's log-decays [B', H, n]: what the carried-in state is multiplied by at token i,
+    prod_{l<=i} g_l, and what token j's contribution is multiplied by at the chunk's end, prod_{j<l<n} g_l."""
+    cumulative = log_decay.cumsum(-1)
+    return torch.exp(cumulative), torch.exp(cumulative[..., -1:] - cumulative)
+
+
+def decay_sums(log_decay, mask, previous_sum):
+    """Running decay sum z_i = g_i z_{i-1} + m_i over a chunk. mask: [B, n]; previous_sum: [B, H] -> [B, H, n]."""
+    within = (decay_weights(log_decay, mask.shape[-1]) * mask[:, None, None, :]).sum(-1)
+    carried, _ = _carried_and_to_end(log_decay)
     return within + carried * previous_sum[:, :, None]
 
 
-def ssa_parallel(q, k, v, decay, scale, mask, state):
+def ssa_parallel(q, k, v, log_decay, scale, mask, state):
     """Spike self-attention over a chunk of n tokens, parallel form, continuing from a recurrent state.
 
-    q, k, v: [T, B, H, n, d] spikes (k, v already zero at padded positions); decay: [H]; mask: [B, n].
-    state: (S [T, B, H, d, d], z [B, H]). Returns the read-out [T, B, H, n, d] and the new state.
-        a_i = scale * (sum_{j<=i} gamma^(i-j) (q_i . k_j) v_j + gamma^(i+1) q_i S) / z_i
+    q, k, v: [T, B, H, n, d] spikes (k, v already zero at padded positions); log_decay: [B', H, n] (B' = B or 1);
+    mask: [B, n]; state: (S [T, B, H, d, d], z [B, H]). Returns the read-out [T, B, H, n, d] and the new state.
+        a_i = scale * (sum_{j<=i} (prod_{j<l<=i} g_l) (q_i . k_j) v_j + (prod_{l<=i} g_l) q_i S) / z_i
     """
     S, z = state
-    n = q.shape[-2]
-    weights = decay_weights(decay, n)  # [H, n, n]
+    weights = decay_weights(log_decay, q.shape[-2])  # [B', H, n, n]
     coincidences = q @ k.transpose(-1, -2)  # [T, B, H, n, n]: counts of coinciding spikes
     readout = (coincidences * weights) @ v
-    carried = decay[:, None] ** torch.arange(1, n + 1, device=decay.device)  # gamma^(i+1): [H, n]
+    carried, to_end = _carried_and_to_end(log_decay)  # [B', H, n] each
     readout = readout + carried[..., None] * (q @ S)
-    z_all = decay_sums(decay, n, mask, z)  # [B, H, n]
-    # new state: S' = gamma^n S + sum_j gamma^(n-1-j) k_j v_j^T
-    to_end = decay[:, None] ** torch.arange(n - 1, -1, -1, device=decay.device)  # [H, n]
-    S = (decay ** n)[:, None, None] * S + (k * to_end[..., None]).transpose(-1, -2) @ v
+    z_all = decay_sums(log_decay, mask, z)  # [B, H, n]
+    # new state: S' = (prod of the chunk's g) S + sum_j (prod_{l>j} g_l) k_j v_j^T
+    S = carried[..., -1, None, None] * S + (k * to_end[..., None]).transpose(-1, -2) @ v
     return scale * readout * _inverse(z_all)[None, ..., None], (S, z_all[..., -1])
 
 
 def ssa_recurrent(q, k, v, decay, scale, mask, state):
-    """One token, recurrent form. q, k, v: [T, B, H, d]; mask: [B]. The readable reference for decoding.
-        S_i = gamma S_{i-1} + k_i v_i^T ;  z_i = gamma z_{i-1} + 1 ;  a_i = scale * q_i S_i / z_i
+    """One token, recurrent form. q, k, v: [T, B, H, d]; decay: this token's g, [B', H]; mask: [B].
+    The readable reference for decoding.
+        S_i = g_i S_{i-1} + k_i v_i^T ;  z_i = g_i z_{i-1} + 1 ;  a_i = scale * q_i S_i / z_i
     """
     S, z = state
-    S = decay[:, None, None] * S + k[..., :, None] * v[..., None, :]
+    S = decay[..., None, None] * S + k[..., :, None] * v[..., None, :]
     z = decay * z + mask[:, None]
     readout = (q[..., None, :] @ S).squeeze(-2)
     return scale * readout * _inverse(z)[None, ..., None], (S, z)
 
 
-def sdsa_parallel(k, v, decay, mask, state):
+def sdsa_parallel(k, v, log_decay, mask, state):
     """Channel-wise spike-driven attention (after the Spike-driven Transformer's SDSA), parallel form.
 
-    Returns the decayed running mean of k * v per channel, r_i = sum_{j<=i} gamma^(i-j) k_j v_j / z_i,
+    Returns the decayed running mean of k * v per channel, r_i = sum_{j<=i} (prod_{j<l<=i} g_l) k_j v_j / z_i,
     [T, B, H, n, d], which a neuron thresholds and q masks. state: (S [T, B, H, d], z [B, H]).
     """
     S, z = state
-    n = k.shape[-2]
     coincidences = k * v  # [T, B, H, n, d]
-    running = decay_weights(decay, n) @ coincidences
-    carried = decay[:, None] ** torch.arange(1, n + 1, device=decay.device)
+    running = decay_weights(log_decay, k.shape[-2]) @ coincidences
+    carried, to_end = _carried_and_to_end(log_decay)
     running = running + carried[..., None] * S[..., None, :]
-    z_all = decay_sums(decay, n, mask, z)
-    to_end = decay[:, None] ** torch.arange(n - 1, -1, -1, device=decay.device)
-    S = (decay ** n)[:, None] * S + (coincidences * to_end[..., None]).sum(-2)
+    z_all = decay_sums(log_decay, mask, z)
+    S = carried[..., -1, None] * S + (coincidences * to_end[..., None]).sum(-2)
     return running * _inverse(z_all)[None, ..., None], (S, z_all[..., -1])
 
 
 def sdsa_recurrent(k, v, decay, mask, state):
-    """One token, recurrent form. k, v: [T, B, H, d]; mask: [B]."""
+    """One token, recurrent form. k, v: [T, B, H, d]; decay: [B', H]; mask: [B]."""
     S, z = state
-    S = decay[:, None] * S + k * v
+    S = decay[..., None] * S + k * v
     z = decay * z + mask[:, None]
     return S * _inverse(z)[None, ..., None], (S, z)
 
 
 def _inverse(z):
     # 1 / z where some token has been seen; 0 before (a padded prefix reads out nothing)
-    return torch.where(z > 0, 1.0 / z.clamp(min=1e-30), torch.zeros_like(z))
+    return torch.where(z > 0, 1.0 / z.clamp(min=MIN_DECAY_SUM), torch.zeros_like(z))
+
+
+# ---------------------------------------------------------------- the attention kinds, as data
+
+
+def _ssa_ops(q, k, v, heads, head_dim):
+    """Per batch row (ACs [B], MACs [B]) of ssa's recurrent form over spikes q, k, v [T, B, n, D]."""
+    from .energy import ssa_ops  # the rule lives with the other energy rules (energy imports this module)
+
+    T, B, n, D = q.shape
+    k_count = k.reshape(T, B, n, heads, head_dim).sum(-1).long()
+    v_count = v.reshape(T, B, n, heads, head_dim).sum(-1).long()
+    pairs = (k_count * v_count).sum(dim=(0, 2, 3))  # one AC per (k, v) spike pair: [B]
+    ac, mac = ssa_ops(T, heads, head_dim, n, pairs, q.reshape(T, B, -1).count_nonzero(-1).sum(0))
+    return ac, torch.full_like(ac, mac)
+
+
+def _sdsa_ops(q, k, v, heads, head_dim):
+    """Per batch row (ACs [B], MACs [B]) of sdsa's recurrent form."""
+    from .energy import sdsa_ops
+
+    T, B, n, D = q.shape
+    ac, mac = sdsa_ops(T, heads, D, n, (k * v).reshape(T, B, -1).count_nonzero(-1).sum(0))
+    return ac, torch.full_like(ac, mac)
+
+
+def _sdsa_parallel_kind(q, k, v, log_decay, scale, mask, state):
+    return sdsa_parallel(k, v, log_decay, mask, state)
+
+
+def _sdsa_recurrent_kind(q, k, v, decay, scale, mask, state):
+    return sdsa_recurrent(k, v, decay, mask, state)
+
+
+@dataclass(frozen=True)
+class AttentionKind:
+    """What differs between attention kinds, looked up once per layer (config.attention_type)."""
+
+    name: str
+    parallel: Callable  # (q, k, v [T, B, H, n, d], log_decay, scale, mask, state) -> (out, state)
+    recurrent: Callable  # (q, k, v [T, B, H, d], decay, scale, mask, state) -> (out, state)
+    state_shape: Callable  # (T, B, H, d) -> the attention state's shape (fixed: no token count in it)
+    count_ops: Callable  # (q, k, v [T, B, n, D], heads, head_dim) -> per-row (ACs [B], MACs [B])
+    default_scale: Callable  # head_dim -> read-out scale
+    # sdsa: q masks the thresholded running mean (it does not enter the read-out), so on conversion q's clip
+    # goes to the output matrix rather than into the scale
+    q_masks_readout: bool
+
+
+ATTENTION_KINDS = {
+    # The read-out is a decayed mean of (q . k) v: about d r^3 for spikes firing at rate r. 64 / d brings rates
+    # near 1/4 to the threshold; 1 / sqrt(d) left the read-out neurons silent and the copy task unlearnt.
+    "ssa": AttentionKind("ssa", ssa_parallel, ssa_recurrent, lambda T, B, H, d: (T, B, H, d, d), _ssa_ops,
+                         lambda head_dim: 64.0 / head_dim, q_masks_readout=False),
+    # sdsa reads out a mean in [0, 1] and needs no scale
+    "sdsa": AttentionKind("sdsa", _sdsa_parallel_kind, _sdsa_recurrent_kind, lambda T, B, H, d: (T, B, H, d),
+                          _sdsa_ops, lambda head_dim: 1.0, q_masks_readout=True),
+}
 
 
 # ================================================================ recurrent state for generate()
@@ -144,12 +219,22 @@ class SpikeLMStateLayer:
     def tensors(self):
         return [t for t in (self.attention_state, self.decay_sum, self.previous_spikes) if t is not None]
 
+    # which dimension of each state tensor holds the batch rows
+    BATCH_DIMS = {"attention_state": 1, "decay_sum": 0, "previous_spikes": 1}
+
     def _map_batch(self, fn):
-        # attention state and token-shift spikes carry the batch in dim 1, the decay sum in dim 0
         if self.attention_state is not None:
-            self.attention_state = fn(self.attention_state, 1)
-            self.previous_spikes = fn(self.previous_spikes, 1)
-            self.decay_sum = fn(self.decay_sum, 0)
+            for name, dim in self.BATCH_DIMS.items():
+                setattr(self, name, fn(getattr(self, name), dim))
+
+    def append_rows(self, other: "SpikeLMStateLayer"):
+        """Append the batch rows of `other`'s state after this one's (in place)."""
+        if self.attention_state is None:
+            for name in self.BATCH_DIMS:
+                setattr(self, name, getattr(other, name))
+        elif other.attention_state is not None:
+            for name, dim in self.BATCH_DIMS.items():
+                setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)], dim=dim))
 
     def reorder_cache(self, beam_idx):
         self._map_batch(lambda t, dim: t.index_select(dim, beam_idx.to(t.device)))
@@ -197,6 +282,19 @@ class SpikeLMCache(Cache):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("A recurrent spiking state cannot be cropped: it does not keep past tokens.")
 
+    def append_rows(self, other: "SpikeLMCache") -> "SpikeLMCache":
+        """Append the batch rows of `other` (a cache of the same model) after this one's, in place; returns self.
+        Rows that have seen different numbers of tokens can share a batch: the state has no token axis."""
+        for layer, extra in zip(self.layers, other.layers):
+            layer.append_rows(extra)
+        self.seen_tokens = max(self.seen_tokens, other.seen_tokens)  # > 0 selects the recurrent form
+        return self
+
+    def select_rows(self, indices: torch.Tensor) -> "SpikeLMCache":
+        """Keep only the batch rows `indices` (in that order), in place; returns self."""
+        self.batch_select_indices(indices)
+        return self
+
     def state_size_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
 
@@ -204,9 +302,27 @@ class SpikeLMCache(Cache):
 # ================================================================ layers
 
 
+class SpikeLMRateActivation(nn.Module):
+    """The real-valued twin's stand-in for a neuron population (neuron_type "relu"): a ReLU clipped at the
+    threshold and divided by it, clamp(x / theta, 0, 1), the firing rate an integrate-and-fire neuron fed a
+    constant x reaches over many steps. Input and output are [1, ...] (the twin runs with time_steps=1)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.threshold = float(config.threshold)
+
+    def forward(self, x):
+        return torch.clamp(x / self.threshold, 0.0, 1.0)
+
+
 def make_neuron(config):
-    """A spiking neuron population, or in the ANN twin (neuron_type "qcfs") its quantised stand-in."""
-    return QCFSActivation(config) if config.neuron_type == "qcfs" else SpikingNeuron(config)
+    """A spiking neuron population, or in an ANN twin its real-valued stand-in: QCFS (quantised, for
+    conversion) or the clipped ReLU rate (the architecture without spikes)."""
+    if config.neuron_type == "qcfs":
+        return QCFSActivation(config)
+    if config.neuron_type == "relu":
+        return SpikeLMRateActivation(config)
+    return SpikingNeuron(config)
 
 
 class SpikeLMRMSNorm(nn.Module):
@@ -226,23 +342,26 @@ def make_norm(config):
 
 
 class SpikeLMAttention(nn.Module):
-    """Causal softmax-free spike attention, "ssa" or "sdsa". Input: spikes [T, B, N, D]."""
+    """Causal softmax-free spike attention, "ssa" or "sdsa". Input: spikes [T, B, N, D].
+
+    Each head forgets its past by a decay: a fixed gamma_h (config.attention_decay, learnable with learn_decay),
+    or with config.gated_decay one per token, g_i = sigmoid(W_g s_i + b_h), read from the attention's input
+    spikes by a spike-driven matrix W_g [H, D] (the mean over the T steps of W_g s_i[t], so each spike adds one
+    column) with b_h starting at the logit of gamma_h.
+    """
 
     def __init__(self, config: SpikeLMConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.kind = config.attention_type
+        self.kind = ATTENTION_KINDS[config.attention_type]
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.token_shift = config.token_shift
-        D = config.hidden_size
-        # The read-out is a decayed mean of (q . k) v: about d r^3 for spikes firing at rate r. 64 / d brings
-        # rates near 1/4 to the threshold; 1 / sqrt(d) left the read-out neurons silent and the copy task
-        # unlearnt (see tests/test_copy_task.py). "sdsa" reads out a mean in [0, 1] and needs no scale.
+        D, H = config.hidden_size, config.num_attention_heads
         scale = config.attention_scale
         if isinstance(scale, list):
             scale = scale[layer_idx]
-        self.scale = scale or (64.0 / self.head_dim if self.kind == "ssa" else 1.0)
+        self.scale = scale or self.kind.default_scale(self.head_dim)
         self.q_proj = nn.Linear(D, D, bias=False)
         # K and V read the current token's spikes and, with token shift, the previous token's (a width-2 causal
         # convolution on spikes): [s_i ; s_{i-1}] -> [k ; v]
@@ -252,18 +371,35 @@ class SpikeLMAttention(nn.Module):
         self.v_neuron = make_neuron(config)
         self.readout_neuron = make_neuron(config)  # ssa: spikes from a; sdsa: thresholds the running mean
         self.o_proj = nn.Linear(D, D, bias=False)
-        self.fixed_decay = [float(g) for g in config.attention_decay]  # plain numbers unless learned
-        if config.learn_decay:
-            # gamma = sigmoid(w) keeps each decay in (0, 1)
-            self.decay_logit = nn.Parameter(torch.logit(torch.tensor(self.fixed_decay).clamp(max=1 - 1e-4)))
-        else:
-            self.decay_logit = None
+        self.fixed_decay = [float(g) for g in config.attention_decay]  # plain numbers unless learned or gated
+        # gamma = sigmoid(w) keeps each decay in (0, 1); with a gate, w is the gate's bias. Set in _init_weights.
+        learned = config.learn_decay or config.gated_decay
+        self.decay_logit = nn.Parameter(torch.empty(H)) if learned else None
+        self.gate_proj = nn.Linear(D, H, bias=False) if config.gated_decay else None  # W_g
         self.counter = None  # set by spikelm.energy while counting
 
-    def decay(self, like):
+    def log_decays(self, spikes):
+        """log g for every head and token: [B, H, n] with a gate, else [1, H, n] (the same at every token).
+        spikes: the attention's input [T, B, n, D]."""
+        n = spikes.shape[2]
+        if self.gate_proj is not None:
+            gate_logits = self.gate_proj(spikes).mean(0) + self.decay_logit  # [B, n, H]
+            return F.logsigmoid(gate_logits).transpose(1, 2)
         if self.decay_logit is not None:
-            return torch.sigmoid(self.decay_logit).to(like.dtype)
-        return torch.tensor(self.fixed_decay, dtype=like.dtype, device=like.device)
+            log_decay = F.logsigmoid(self.decay_logit).to(spikes.dtype)
+        else:
+            log_decay = torch.log(torch.tensor(self.fixed_decay, dtype=spikes.dtype, device=spikes.device))
+        return log_decay[None, :, None].expand(1, self.num_heads, n)
+
+    def count_ops(self, q, k, v):
+        """Per batch row (ACs [B], MACs [B]) of this attention's recurrent form, gate included."""
+        ac, mac = self.kind.count_ops(q, k, v, self.num_heads, self.head_dim)
+        if self.gate_proj is not None:  # W_g's own ACs are counted as any weight matrix's
+            from .energy import gate_ops
+
+            gate_ac, gate_mac = gate_ops(q.shape[0], self.num_heads, q.shape[2])
+            ac, mac = ac + gate_ac, mac + gate_mac
+        return ac, mac
 
     def _heads(self, x):  # [T, B, n, D] -> [T, B, H, n, d]
         T, B, n, _ = x.shape
@@ -287,37 +423,31 @@ class SpikeLMAttention(nn.Module):
         k = self.k_neuron(k) * mask[None, :, :, None]
         v = self.v_neuron(v) * mask[None, :, :, None]
 
-        decay = self.decay(spikes)
+        log_decay = self.log_decays(spikes)  # [B', H, n]
         H, d = self.num_heads, self.head_dim
         if state is not None and state.attention_state is not None:
             carried = (state.attention_state, state.decay_sum)
         else:
-            shape = (T, B, H, d, d) if self.kind == "ssa" else (T, B, H, d)
-            carried = (spikes.new_zeros(shape), spikes.new_zeros(B, H))
+            carried = (spikes.new_zeros(self.kind.state_shape(T, B, H, d)), spikes.new_zeros(B, H))
         mask = mask.to(dtype)
-        if self.kind == "ssa":
-            heads = [self._heads(x) for x in (q, k, v)]  # [T, B, H, n, d] each
-            parallel = lambda xs, m, c: ssa_parallel(*xs, decay, self.scale, m, c)  # noqa: E731
-            step = lambda xs, m, c: ssa_recurrent(*xs, decay, self.scale, m, c)  # noqa: E731
-        else:
-            heads = [self._heads(x) for x in (k, v)]
-            parallel = lambda xs, m, c: sdsa_parallel(*xs, decay, m, c)  # noqa: E731
-            step = lambda xs, m, c: sdsa_recurrent(*xs, decay, m, c)  # noqa: E731
+        heads = [self._heads(x) for x in (q, k, v)]  # [T, B, H, n, d] each
         if recurrent:
-            out, carried = step([x[..., 0, :] for x in heads], mask[:, 0], carried)
+            out, carried = self.kind.recurrent(*[x[..., 0, :] for x in heads], torch.exp(log_decay[..., 0]),
+                                               self.scale, mask[:, 0], carried)
             out = out[..., None, :]
         else:
             outs = []
             for start in range(0, n, ATTENTION_CHUNK):
                 part = slice(start, start + ATTENTION_CHUNK)
-                out, carried = parallel([x[..., part, :] for x in heads], mask[:, part], carried)
+                out, carried = self.kind.parallel(*[x[..., part, :] for x in heads], log_decay[..., part],
+                                                  self.scale, mask[:, part], carried)
                 outs.append(out)
             out = torch.cat(outs, dim=-2)
         out = out.transpose(2, 3).reshape(T, B, n, D)
-        if self.kind == "ssa":
-            attended = self.readout_neuron(out)
-        else:  # the thresholded running mean, masked by q
+        if self.kind.q_masks_readout:  # the thresholded running mean, masked by q
             attended = q * self.readout_neuron(self.scale * out if self.scale != 1.0 else out)
+        else:
+            attended = self.readout_neuron(out)
         if self.counter is not None:
             self.counter.attention(self, q, k, v, mask, attended)
         if state is not None:
@@ -391,6 +521,8 @@ class SpikeLMPreTrainedModel(PreTrainedModel):
             std = 1.0 / math.sqrt(module.in_features)
             if getattr(module, "_writes_residual", False):
                 std /= math.sqrt(2 * config.num_hidden_layers)
+            if getattr(module, "_is_gate", False):
+                std = GATE_INIT_STD
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -403,10 +535,10 @@ class SpikeLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, QCFSActivation):
             init.constant_(module.clip, config.threshold)
         elif isinstance(module, SpikingNeuron) and module.leak_logit is not None:
-            leak = config.leak_value
-            init.constant_(module.leak_logit, math.log(leak / (1 - leak)) if leak < 1 else 8.0)
+            init.constant_(module.leak_logit, leak_logit(config.leak_value))
         elif isinstance(module, SpikeLMAttention) and module.decay_logit is not None:
-            init.copy_(module.decay_logit, torch.logit(torch.tensor(module.fixed_decay).clamp(max=1 - 1e-4)))
+            decay = torch.tensor(module.fixed_decay).clamp(max=MAX_INITIAL_DECAY)
+            init.copy_(module.decay_logit, torch.logit(decay))
 
 
 class SpikeLMModel(SpikeLMPreTrainedModel):
@@ -420,6 +552,8 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         self.output_neuron = make_neuron(config)
         for layer in self.layers:
             layer.attention.o_proj._writes_residual = True
+            if layer.attention.gate_proj is not None:
+                layer.attention.gate_proj._is_gate = True
             layer.mlp.fc_out._writes_residual = True
         self.post_init()
 
@@ -519,4 +653,4 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
 
 
-__all__ = ["SpikeLMCache", "SpikeLMForCausalLM", "SpikeLMModel", "SpikeLMPreTrainedModel"]
+__all__ = ["ATTENTION_KINDS", "AttentionKind", "SpikeLMCache", "SpikeLMForCausalLM", "SpikeLMModel", "SpikeLMPreTrainedModel"]

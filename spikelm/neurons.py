@@ -309,6 +309,15 @@ class LIFMultiStepCompiled(torch.autograd.Function):
         return grad_current, None, None, None, None, None, None, None
 
 
+# A learned leak is sigmoid(logit); a leak of 1 (IF) has no finite logit, so it starts here (sigmoid(8) ~ 0.9997).
+LEAK_LOGIT_OF_ONE = 8.0
+
+
+def leak_logit(leak: float) -> float:
+    """The logit a learned leak starts from."""
+    return math.log(leak / (1 - leak)) if leak < 1 else LEAK_LOGIT_OF_ONE
+
+
 class SpikingNeuron(nn.Module):
     """A population of LIF (or IF) neurons over the T steps of each token. Input and output are [T, ...].
 
@@ -329,7 +338,7 @@ class SpikingNeuron(nn.Module):
         leak = config.leak_value
         if config.learn_leak and config.neuron_type == "lif":
             # leak = sigmoid(w) keeps it in (0, 1)
-            self.leak_logit = nn.Parameter(torch.tensor(math.log(leak / (1 - leak)) if leak < 1 else 8.0))
+            self.leak_logit = nn.Parameter(torch.tensor(leak_logit(leak)))
         else:
             self.leak_logit = None
             self.fixed_leak = float(leak)  # a plain number: nothing to save, nothing for the loader to miss

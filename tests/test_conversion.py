@@ -27,12 +27,12 @@ def char_blocks(vocab, block=64, count=48):
     return ids[: count * block].view(count, block)
 
 
-@pytest.mark.parametrize("kind", ["ssa", "sdsa"])
-def test_converted_model_is_spike_driven_and_better_than_untrained(kind):
+@pytest.mark.parametrize("kind, gated", [("ssa", False), ("sdsa", False), ("ssa", True)])
+def test_converted_model_is_spike_driven_and_better_than_untrained(kind, gated):
     torch.manual_seed(0)
     blocks = char_blocks(48)
     train, held_out = blocks[:-8], blocks[-8:]
-    spiking = tiny_config(kind, time_steps=4, hidden_size=64, intermediate_size=128)
+    spiking = tiny_config(kind, time_steps=4, hidden_size=64, intermediate_size=128, gated_decay=gated)
     twin = SpikeLMForCausalLM(ann_twin_config(spiking))
     assert twin.config.neuron_type == "qcfs" and twin.config.time_steps == 1
     optimizer = torch.optim.AdamW(twin.parameters(), lr=5e-3)
@@ -46,6 +46,7 @@ def test_converted_model_is_spike_driven_and_better_than_untrained(kind):
     snn = convert_to_snn(twin).eval()
     assert snn.config.neuron_type == "if" and snn.config.time_steps == 4
     assert snn.config.initial_membrane == 0.5 and snn.config.reset == "soft"
+    assert snn.config.gated_decay == gated
     assert is_spike_driven(snn, held_out[:2])
     assert not is_spike_driven(twin, held_out[:2])  # the twin passes multi-level values: an ANN
     untrained = SpikeLMForCausalLM(spiking).eval()

@@ -6,13 +6,13 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from spikelm import SpikeLMForCausalLM, count_energy, energy_report, gpt2_reference_counts
 from spikelm.energy import (EnergyCounts, Prices, ann_twin_reference_counts, count_inference, head_average_traffic,
                             kv_cache_traffic, neuron_ops, neuron_state_traffic, norm_ops, sdsa_ops,
-                            sdsa_state_traffic, ssa_ops, ssa_state_traffic, summarise, token_shift_traffic,
+                            ssa_ops, attention_state_traffic, summarise, token_shift_traffic,
                             weight_reads_dense, weight_reads_on_spikes)
 from spikelm.modeling_spikelm import SpikingNeuron
 from conftest import tiny_config
 
 
-def hand_model():
+def hand_model(**overrides):
     """1 layer, D=4, one head (d=4), T=2, MLP 8, vocab 3. Every token's embedding is [3, 1, -1, -3], whose
     LayerNorm is about [1.342, 0.447, -0.447, -1.342]: over two steps (leak 0.5, threshold 1) the first
     element spikes twice (1.342; 0.171 + 1.342) and the others never, in each neuron fed by a norm.
@@ -20,7 +20,8 @@ def hand_model():
     zero, so the residual stream never changes; with scale 0.5 the attention read-out (0.5 at most: one
     coinciding spike, divided by the decay sum) never spikes."""
     config = tiny_config("ssa", vocab_size=3, hidden_size=4, num_hidden_layers=1, num_attention_heads=1,
-                         time_steps=2, intermediate_size=8, leak=0.5, threshold=1.0, attention_scale=0.5)
+                         time_steps=2, intermediate_size=8, leak=0.5, threshold=1.0, attention_scale=0.5,
+                         **overrides)
     model = SpikeLMForCausalLM(config).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -87,6 +88,23 @@ def test_counts_equal_hand_computed_values():
     assert sum(r["pj"] for r in report["rows"]) == pytest.approx(report["pj_per_token"])
 
 
+def test_gated_decay_adds_its_gate_and_nothing_else():
+    """The hand model with a gate g = sigmoid(W_g s + b) (W_g zeroed like the other matrices): W_g [1 x 4] reads
+    the attention neuron's 2 spikes per token (1 AC each); per head and token the gate adds T - 1 = 1 AC to sum
+    the steps, 1 MAC for 1/T, 1 AC for the bias, 2 MACs and 1 AC for the sigmoid."""
+    fixed = energy_report(hand_model(), torch.zeros(1, 2, dtype=torch.long))
+    gated = energy_report(hand_model(gated_decay=True), torch.zeros(1, 2, dtype=torch.long))
+    rows = lambda report: {(r["layer"], r["kind"]): r for r in report["rows"]}  # noqa: E731
+    fixed_rows, gated_rows = rows(fixed), rows(gated)
+    tokens = 2
+    assert gated_rows[("layers.0", "weights")]["ac"] * tokens == fixed_rows[("layers.0", "weights")]["ac"] * tokens + 4
+    assert gated_rows[("layers.0", "attention")]["ac"] * tokens == 4 + 16 + tokens * 3
+    # the fixed decay's 46 MACs a token (1/z by Newton-Raphson: 4 MACs, see test_counts_equal_hand_computed_values)
+    assert gated_rows[("layers.0", "attention")]["mac"] * tokens == 2 * (32 + 1 + 4 + 1 + 8) + tokens * 3
+    assert gated["ac_per_token"] * tokens == 436 + 4 + 6
+    assert gated["mac_per_token"] * tokens == 494 + 6  # 494: the fixed model's MACs (test_counts_...)
+
+
 def test_rules():
     assert neuron_ops(10, 4, 7, leak_is_one=False, reset="soft") == (47, 40)
     assert neuron_ops(10, 4, 7, leak_is_one=True, reset="hard") == (80, 0)
@@ -104,8 +122,9 @@ def test_memory_rules():
     assert weight_reads_on_spikes(5, 3) == 15  # three input spikes fetch three columns of 5
     assert weight_reads_dense(4, 3, 2) == 24  # two input vectors fetch all 12 weights each
     assert neuron_state_traffic(10) == (10, 10)
-    assert ssa_state_traffic(2, 2, 4, 3) == (3 * (2 * 2 * 16 + 2),) * 2  # S per step, z per token
-    assert sdsa_state_traffic(2, 2, 8, 3) == (3 * (2 * 8 + 2),) * 2
+    # ssa, T=2, H=2, d=4: S is 2*2*16 values, read and written each token, with the 2 decay sums; 3 tokens
+    assert attention_state_traffic(2 * 2 * 16, 2, 3) == (3 * (2 * 2 * 16 + 2),) * 2
+    assert attention_state_traffic(2 * 8, 2, 3) == (3 * (2 * 8 + 2),) * 2  # sdsa, T=2, D=8
     assert token_shift_traffic(2, 8, 3) == (48, 48)
     assert head_average_traffic(4, 10, 2) == (60, 60)  # steps 2..4 read and write 10 running logits, 2 positions
     assert head_average_traffic(1, 10, 2) == (0, 0)

@@ -1,3 +1,4 @@
+import copy
 import json
 import subprocess
 import sys
@@ -58,7 +59,8 @@ def test_ssa_parallel_equals_recurrent(n):
     decay = torch.tensor([0.5, 0.9, 1.0])
     mask = torch.ones(B, n)
     zero = (torch.zeros(T, B, H, d, d), torch.zeros(B, H))
-    parallel, (S_par, z_par) = ssa_parallel(q, k, v, decay, 0.25, mask, zero)
+    log_decay = torch.log(decay)[None, :, None].expand(1, H, n)
+    parallel, (S_par, z_par) = ssa_parallel(q, k, v, log_decay, 0.25, mask, zero)
     state, outs = zero, []
     for i in range(n):
         out, state = ssa_recurrent(q[..., i, :], k[..., i, :], v[..., i, :], decay, 0.25, mask[:, i], state)
@@ -69,9 +71,9 @@ def test_ssa_parallel_equals_recurrent(n):
     # two chunks continuing from the carried state give the same read-out as one
     if n > 2:
         half = n // 2
-        first, carried = ssa_parallel(q[..., :half, :], k[..., :half, :], v[..., :half, :], decay, 0.25,
-                                      mask[:, :half], zero)
-        second, _ = ssa_parallel(q[..., half:, :], k[..., half:, :], v[..., half:, :], decay, 0.25,
+        first, carried = ssa_parallel(q[..., :half, :], k[..., :half, :], v[..., :half, :],
+                                      log_decay[..., :half], 0.25, mask[:, :half], zero)
+        second, _ = ssa_parallel(q[..., half:, :], k[..., half:, :], v[..., half:, :], log_decay[..., half:], 0.25,
                                  mask[:, half:], carried)
         assert (torch.cat([first, second], -2) - parallel).abs().max() <= 1e-5
 
@@ -83,7 +85,7 @@ def test_sdsa_parallel_equals_recurrent(n):
     decay = torch.tensor([0.5, 0.9, 1.0])
     mask = torch.ones(B, n)
     zero = (torch.zeros(T, B, H, d), torch.zeros(B, H))
-    parallel, _ = sdsa_parallel(k, v, decay, mask, zero)
+    parallel, _ = sdsa_parallel(k, v, torch.log(decay)[None, :, None].expand(1, H, n), mask, zero)
     state, outs = zero, []
     for i in range(n):
         out, state = sdsa_recurrent(k[..., i, :], v[..., i, :], decay, mask[:, i], state)
@@ -92,9 +94,75 @@ def test_sdsa_parallel_equals_recurrent(n):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_model_logits_parallel_equal_token_by_token_decoding(kind):
+@pytest.mark.parametrize("n", [1, 7, 40])
+def test_gated_decay_parallel_equals_recurrent_in_float64(kind, n):
+    """Per-token decays g_i (some near 0, some near 1): the parallel form through cumulative log-decays, in one
+    chunk or two with the state carried, equals S_i = g_i S_{i-1} + k_i v_i^T, z_i = g_i z_{i-1} + m_i."""
+    torch.manual_seed(n)
+    T, B, H, d = 2, 3, 2, 4
+    q, k, v = (random_spikes(T, B, H, n, d).double() for _ in range(3))
+    mask = torch.ones(B, n, dtype=torch.float64)
+    mask[0, : n // 2] = 0  # a left-padded row
+    k, v = k * mask[None, :, None, :, None], v * mask[None, :, None, :, None]
+    log_decay = torch.nn.functional.logsigmoid(4 * torch.randn(B, H, n, dtype=torch.float64))
+    state_shape = (T, B, H, d, d) if kind == "ssa" else (T, B, H, d)
+    zero = (torch.zeros(state_shape, dtype=torch.float64), torch.zeros(B, H, dtype=torch.float64))
+    if kind == "ssa":
+        parallel = lambda i, j, state: ssa_parallel(q[..., i:j, :], k[..., i:j, :], v[..., i:j, :],  # noqa: E731
+                                                    log_decay[..., i:j], 0.5, mask[:, i:j], state)
+        step = lambda i, state: ssa_recurrent(q[..., i, :], k[..., i, :], v[..., i, :],  # noqa: E731
+                                              torch.exp(log_decay[..., i]), 0.5, mask[:, i], state)
+    else:
+        parallel = lambda i, j, state: sdsa_parallel(k[..., i:j, :], v[..., i:j, :], log_decay[..., i:j],  # noqa: E731
+                                                     mask[:, i:j], state)
+        step = lambda i, state: sdsa_recurrent(k[..., i, :], v[..., i, :], torch.exp(log_decay[..., i]),  # noqa: E731
+                                               mask[:, i], state)
+    whole, (S_whole, z_whole) = parallel(0, n, zero)
+    state, outs = zero, []
+    for i in range(n):
+        out, state = step(i, state)
+        outs.append(out)
+    assert torch.allclose(whole, torch.stack(outs, dim=-2), rtol=1e-10, atol=1e-12)
+    assert torch.allclose(S_whole, state[0], rtol=1e-10, atol=1e-12)
+    assert torch.allclose(z_whole, state[1], rtol=1e-10, atol=1e-12)
+    half = n // 2
+    first, carried = parallel(0, half, zero) if half else (whole[..., :0, :], zero)
+    second, (S_two, _) = parallel(half, n, carried)
+    assert torch.allclose(torch.cat([first, second], -2), whole, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(S_two, S_whole, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fixed_decay_is_a_gate_that_never_moves(kind):
+    """The gate's bias starts at the logit of each head's fixed decay: with W_g zeroed, a gated model computes
+    what the fixed-decay model computes."""
+    fixed = tiny_model(kind, torch.float64)
+    gated = tiny_model(kind, torch.float64, gated_decay=True)
+    attention = gated.model.layers[0].attention
+    assert attention.gate_proj.weight.shape == (2, 32) and 0.01 < attention.gate_proj.weight.std() < 0.03
+    assert torch.allclose(torch.sigmoid(attention.decay_logit), torch.tensor(attention.fixed_decay, dtype=torch.float64))
+    missing = gated.load_state_dict(fixed.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == sorted(f"model.layers.{i}.attention.{name}" for i in range(2)
+                                     for name in ("decay_logit", "gate_proj.weight"))
+    with torch.no_grad():
+        for layer in gated.model.layers:
+            layer.attention.gate_proj.weight.zero_()
+            decay = torch.tensor(layer.attention.fixed_decay, dtype=torch.float64)
+            layer.attention.decay_logit.copy_(torch.logit(decay))  # initialised in float32: exact here
+    ids = torch.randint(0, 48, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(gated(ids, use_cache=False).logits, fixed(ids, use_cache=False).logits, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("gated", [False, True])
+def test_model_logits_parallel_equal_token_by_token_decoding(kind, gated):
     # float64: a rounding difference between the two forms could flip a spike sitting at its threshold
-    model = tiny_model(kind, torch.float64)
+    model = tiny_model(kind, torch.float64, gated_decay=gated)
+    if gated:  # gates that really move from token to token
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.attention.gate_proj.weight.normal_(0.0, 1.0)
     ids = torch.randint(0, 48, (2, 40))
     with torch.no_grad():
         parallel = model(ids, use_cache=False).logits
@@ -115,8 +183,9 @@ def test_model_logits_parallel_equal_token_by_token_decoding(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_causality(kind):
-    model = tiny_model(kind)
+@pytest.mark.parametrize("gated", [False, True])
+def test_causality(kind, gated):
+    model = tiny_model(kind, gated_decay=gated)
     ids = torch.randint(0, 48, (1, 30))
     with torch.no_grad():
         base = model(ids, use_cache=False).logits
@@ -129,8 +198,9 @@ def test_causality(kind):
                 assert not torch.equal(logits, base)
 
 
-def test_recurrent_state_size_does_not_grow():
-    model = tiny_model("ssa")
+@pytest.mark.parametrize("gated", [False, True])
+def test_recurrent_state_size_does_not_grow(gated):
+    model = tiny_model("ssa", gated_decay=gated)
     with torch.no_grad():
         short = model(torch.randint(0, 48, (1, 10)), use_cache=True).cache
         short = model(torch.randint(0, 48, (1, 1)), cache=short).cache
@@ -138,6 +208,50 @@ def test_recurrent_state_size_does_not_grow():
         long = model(torch.randint(0, 48, (1, 1)), cache=long).cache
     assert short.get_seq_length() == 11 and long.get_seq_length() == 2000
     assert short.state_size_bytes() == long.state_size_bytes() > 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cache_appends_and_selects_batch_rows(kind):
+    """Rows prefilled alone, appended into one batch (different lengths), decode as they would alone;
+    selecting rows keeps exactly those rows."""
+    model = tiny_model(kind, torch.float64, gated_decay=True)
+    prompts = [torch.randint(0, 48, (1, n)) for n in (5, 9, 2)]
+    next_ids = torch.randint(0, 48, (3, 1))
+    with torch.no_grad():
+        caches = [model(p, use_cache=True).cache for p in prompts]
+        alone = [model(next_ids[i:i + 1], cache=copy.deepcopy(c)).logits for i, c in enumerate(caches)]
+        batch = caches[0]
+        for cache in caches[1:]:
+            assert batch.append_rows(cache) is batch
+        assert batch.layers[0].decay_sum.shape[0] == 3 and batch.get_seq_length() == 9
+        batched = model(next_ids, cache=batch).logits
+        for i in range(3):
+            assert torch.equal(batched[i:i + 1], alone[i])
+        kept = batch.select_rows(torch.tensor([2, 0]))
+        assert kept.layers[1].attention_state.shape[1] == 2
+        after = model(torch.tensor([[3], [4]]), cache=kept).logits
+        reference = model(torch.tensor([[4]]), cache=model(torch.cat([prompts[0], next_ids[:1]], 1)).cache).logits
+    assert torch.allclose(after[1:], reference, atol=1e-10)
+
+
+def test_relu_twin_is_the_same_architecture_without_spikes():
+    from spikelm.references import relu_twin_config
+
+    spiking = tiny_model("ssa", gated_decay=True)
+    twin = SpikeLMForCausalLM(relu_twin_config(spiking.config)).eval()
+    assert twin.config.neuron_type == "relu" and twin.config.time_steps == 1 and twin.config.gated_decay
+    assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in spiking.state_dict().items()}
+    seen = []
+    for m in twin.modules():
+        if isinstance(m, nn.Linear):
+            m.register_forward_hook(lambda mod, inputs, out: seen.append(inputs[0]))
+    ids = torch.randint(0, 48, (2, 12))
+    twin(ids, use_cache=False)
+    values = torch.cat([x.flatten() for x in seen])
+    assert values.min() >= 0 and values.max() <= 1  # rates in [0, 1] ...
+    assert ((values > 0) & (values < 1)).float().mean() > 0.05  # ... and real-valued, not spikes
+    with pytest.raises(Exception, match="time_steps: must be 1 for the relu ANN twin"):
+        tiny_config(neuron_type="relu", time_steps=2)
 
 
 def test_wrong_shapes_name_the_expected_one():

@@ -27,7 +27,8 @@ def add_arguments(parser):
     model = parser.add_argument_group("model")
     model.add_argument("--output", required=True, help="directory for checkpoints and the final model")
     model.add_argument("--preset", default=None, help=f"model size: {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
-    model.add_argument("--model", default=None, help="fine-tune this saved spikelm directory instead")
+    model.add_argument("--model", default=None, help="fine-tune this saved model instead (a directory or hub id)")
+    model.add_argument("--revision", default=None, help="branch, tag or commit of a hub id given to --model")
     model.add_argument("--tokenizer", default=None,
                        help="tokenizer directory (default: the model's, the output dir's, or a new one)")
     model.add_argument("--vocab-size", type=int, default=None, help="size of a newly trained tokenizer "
@@ -72,7 +73,8 @@ def training_options(args, **changes):
 
     from ..training import TrainingOptions
 
-    values = {f.name: getattr(args, f.name) for f in fields(TrainingOptions)}
+    values = {f.name: getattr(args, f.name) for f in fields(TrainingOptions) if f.name != "command"}
+    values["command"] = getattr(args, "command_line", None)
     values.update(changes)
     return TrainingOptions(**values)
 
@@ -95,6 +97,17 @@ def vocab_size(args, preset_name) -> int:
     return args.vocab_size or preset(preset_name)["vocab_size"]
 
 
+def given_tokenizer(args, fallback=None, fallback_revision=None):
+    """--tokenizer, else the fine-tuned model's, else `fallback` (a name); None: prepare_data decides."""
+    from ..loading import load_tokenizer
+
+    if args.tokenizer:
+        return load_tokenizer(args.tokenizer)
+    if args.model:
+        return load_tokenizer(args.model, args.revision)
+    return load_tokenizer(fallback, fallback_revision) if fallback else None
+
+
 def run(args) -> int:
     from ..loading import load_model
     from ..training import build_config, gpt2_config, prepare_data, train
@@ -109,8 +122,8 @@ def run(args) -> int:
 
         callbacks.append(SpikeRateRegulariser(args.spike_rate_target, args.spike_rate_weight,
                                               args.spike_rate_populations))
-    model = load_model(args.model) if args.model else None  # fine-tuning: the saved weights, config and all
-    data = prepare_data(options, tokenizer=args.tokenizer or args.model, vocab_size=vocab_size(args, preset_name))
+    model = load_model(args.model, revision=args.revision) if args.model else None  # fine-tuning: weights, config
+    data = prepare_data(options, tokenizer=given_tokenizer(args), vocab_size=vocab_size(args, preset_name))
     if model is None and args.arch == "gpt2":
         model = gpt2_config(preset_name, data.tokenizer, args.block_size)
     elif model is None:

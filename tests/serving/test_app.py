@@ -65,6 +65,9 @@ def test_openai_completion_carries_text_and_energy(client):
 
 
 def test_openai_streamed_completion_matches_plain_and_sums_energy(client):
+    # a first request leaves the prompt's state in the prefix cache: the two compared below both resume there,
+    # so they do the same work
+    client.completions.create(model="tiny", prompt="Whether 'tis", max_tokens=1, temperature=0)
     plain = client.completions.create(model="tiny", prompt="Whether 'tis", max_tokens=20, temperature=0)
     chunks = list(client.completions.create(model="tiny", prompt="Whether 'tis", max_tokens=20, temperature=0,
                                             stream=True, stream_options={"include_usage": True}))
@@ -75,6 +78,8 @@ def test_openai_streamed_completion_matches_plain_and_sums_energy(client):
     assert all(e["pj"] > 0 and e["ac"] > 0 and 0 < e["firing_rate"] < 1 for e in per_token)
     last = chunks[-1]
     assert last.choices == [] and last.usage.completion_tokens == plain.usage.completion_tokens
+    cached = len("Whether 'tis") - 1  # all but the last prompt token, which runs again for its logits
+    assert last.usage.prompt_tokens_details.cached_tokens == plain.usage.prompt_tokens_details.cached_tokens == cached
     # the chunks' energies add up to the request's, which equals the same request's without streaming
     total_pj = extra(last.usage)["energy_joules"] * 1e12
     assert sum(e["pj"] for e in per_token) == pytest.approx(total_pj)

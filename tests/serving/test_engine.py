@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerFast
 from conftest import tiny_config
 from spikelm import SpikeLMForCausalLM, count_energy
 from spikelm.energy import EnergyCounter
-from spikelm.serving.engine import SamplingParams, TextStream, _concat_caches, sample_next
+from spikelm.serving.engine import SamplingParams, TextStream, sample_next
 
 
 @pytest.mark.parametrize("attention_type", ["ssa", "sdsa"])
@@ -25,9 +25,9 @@ def test_row_counts_in_a_batched_step_equal_each_sequence_counted_alone(attentio
             with count_energy(model) as counter:
                 single = model(input_ids=torch.tensor([token]), cache=copy.deepcopy(cache), use_cache=True)
             alone.append((counter, single.logits[0, -1]))
-        batched_cache = None
-        for cache in caches:
-            batched_cache = _concat_caches(batched_cache, cache)
+        batched_cache = caches[0]
+        for cache in caches[1:]:
+            batched_cache.append_rows(cache)
         rows = EnergyCounter(positions=[len(p) for p in prompts])
         with count_energy(model, rows):
             batched = model(input_ids=torch.tensor(next_ids), cache=batched_cache, use_cache=True)
