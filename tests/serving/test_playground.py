@@ -295,7 +295,7 @@ def test_stream_chunks_carry_layer_firing_rates_and_the_gpt2_reference(server, m
     import torch
     from transformers import AutoModelForCausalLM
 
-    from spikelm.energy import E_MAC_PJ, EnergyCounter, count_energy, gpt2_reference_counts
+    from spikelm.energy import EnergyCounter, Prices, count_energy, gpt2_reference_counts
 
     prompt_ids = [5, 17, 3, 30, 22, 9, 11]
     _, energies, usage = api_stream(server, "/v1/completions", {
@@ -318,8 +318,8 @@ def test_stream_chunks_carry_layer_firing_rates_and_the_gpt2_reference(server, m
     # GPT-2's share of each forward pass: the prompt's (one logit), then one token's at each position; they add
     # up to the usage's
     P = len(prompt_ids)
-    gpt2_pj = lambda tokens, context: E_MAC_PJ * gpt2_reference_counts(  # noqa: E731
-        model.config, tokens, logits=1, context=context)["total"]
+    gpt2_pj = lambda tokens, context: Prices().compute_pj(gpt2_reference_counts(  # noqa: E731
+        model.config, tokens, logits=1, context=context)["counts"])  # its MACs and its norms' and residual ACs
     assert energies[0]["gpt2_pj"] == gpt2_pj(P, P * (P + 1) // 2)
     assert energies[3]["gpt2_pj"] == gpt2_pj(1, P + 3)
     assert energies[3]["gpt2_pj"] < energies[4]["gpt2_pj"]  # softmax attention's cost grows with the context
