@@ -131,7 +131,7 @@ def train_and_convert(config: SpikeLMConfig, data, options, levels: int | None =
     import json
     from pathlib import Path
 
-    from .training import SpikeLMTrainer, train
+    from .training import SpikeLMTrainer, train, write_card
 
     output = Path(options.output)
     twin_options = dataclasses.replace(options, output=str(output / TWIN_DIR))  # the twin trains in a folder of its own
@@ -150,6 +150,8 @@ def train_and_convert(config: SpikeLMConfig, data, options, levels: int | None =
         snn.save_pretrained(output)
         data.tokenizer.save_pretrained(output)
         (output / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_card(output, snn, {"eval_bits_per_byte": report["converted_bits_per_byte"]}, data, options,
+                   base=str(output / TWIN_DIR))
         print(f"ANN twin: {report['twin_bits_per_byte']:.3f} bits per byte; converted to T={snn.config.time_steps} "
               f"IF neurons: {report['converted_bits_per_byte']:.3f} (gap {report['gap_bits_per_byte']:+.3f}); "
               f"saved to {output}. Close the gap with: spikelm distill --model {output} "

@@ -3,7 +3,7 @@
 Shapes: T spiking time steps, B batch, N tokens, D width, H heads, d = D / H.
 Time comes first in every spiking tensor: [T, B, N, D].
 
-The model (DESIGN.md section 2), after Spikformer (Zhou et al. 2023), the
+The model (docs/design.md), after Spikformer (Zhou et al. 2023), the
 Spike-driven Transformer (Yao et al. 2023), SpikeGPT (Zhu et al. 2023) and
 RetNet's decayed linear attention (Sun et al. 2023):
 

@@ -86,7 +86,7 @@ def command_line(args):
     """The flags that were given, as a command line to rerun (recorded in the JSON)."""
     words = ["spikelm", "bench"]
     for key, value in vars(args).items():
-        if key in ("command", "output") or value is None or value is False:
+        if key in ("command", "command_line", "output") or value is None or value is False:
             continue
         words.append("--" + key.replace("_", "-"))
         if value is not True:
