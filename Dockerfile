@@ -2,13 +2,16 @@
 #   docker build -t spikelm .
 #   docker run --rm -p 8000:8000 -v "$PWD/runs:/app/runs" spikelm
 #   docker run --rm -p 8000:8000 -v /path/to/model:/model -e SPIKELM_MODEL=/model -e SPIKELM_API_KEY=... spikelm
+# A hub id resolves from a mounted Hugging Face cache (nothing is downloaded: HF_HUB_OFFLINE=1 below) ...
+#   docker run --rm -p 8000:8000 -v ~/.cache/huggingface:/hf -e SPIKELM_MODEL=ORG/NAME spikelm
+# ... or, when you allow it, online: add -e HF_HUB_OFFLINE=0 (and -e HF_TOKEN=... for a private repository).
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     HF_HUB_OFFLINE=1 \
-    TRANSFORMERS_OFFLINE=1 \
+    HF_HOME=/hf \
     SPIKELM_MODEL=/app/runs/quickstart \
     SPIKELM_PORT=8000
 
@@ -26,7 +29,7 @@ COPY spikelm ./spikelm
 COPY serve ./serve
 RUN pip install ".[serve]"
 
-RUN useradd --create-home --uid 10001 spikelm && mkdir -p /app/runs && chown spikelm /app/runs
+RUN useradd --create-home --uid 10001 spikelm && mkdir -p /app/runs /hf && chown spikelm /app/runs /hf
 USER spikelm
 
 EXPOSE 8000

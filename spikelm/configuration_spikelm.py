@@ -18,7 +18,7 @@ NORM_TYPES = ("layernorm", "rmsnorm")
 @strict
 class SpikeLMConfig(PreTrainedConfig):
     r"""
-    Configuration of a spike-driven Transformer decoder (see DESIGN.md, section 2).
+    Configuration of a spike-driven Transformer decoder (see docs/design.md, "The model").
 
     Example:
     ```python

@@ -96,11 +96,17 @@ def convert_to_snn(twin: SpikeLMForCausalLM) -> SpikeLMForCausalLM:
 
 
 def is_spike_driven(model, input_ids) -> bool:
-    """True when every weight matrix receives only 0s and 1s on this input."""
+    """True when every weight matrix receives only 0s and 1s on this input, and the LM head (fed_spike_counts)
+    the per-token count of its input spikes: whole numbers 0..T."""
     binary = []
+    time_steps = model.config.time_steps
 
     def check(module, inputs, output):
-        binary.append(bool(((inputs[0] == 0) | (inputs[0] == 1)).all()))
+        x = inputs[0]
+        if getattr(module, "fed_spike_counts", False):
+            binary.append(bool(((x >= 0) & (x <= time_steps) & (x == x.round())).all()))
+        else:
+            binary.append(bool(((x == 0) | (x == 1)).all()))
 
     handles = [m.register_forward_hook(check) for m in model.modules() if isinstance(m, nn.Linear)]
     try:
@@ -125,7 +131,7 @@ def train_and_convert(config: SpikeLMConfig, data, options, levels: int | None =
     import json
     from pathlib import Path
 
-    from .training import SpikeLMTrainer, train
+    from .training import SpikeLMTrainer, train, write_card
 
     output = Path(options.output)
     twin_options = dataclasses.replace(options, output=str(output / TWIN_DIR))  # the twin trains in a folder of its own
@@ -144,6 +150,8 @@ def train_and_convert(config: SpikeLMConfig, data, options, levels: int | None =
         snn.save_pretrained(output)
         data.tokenizer.save_pretrained(output)
         (output / "conversion.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_card(output, snn, {"eval_bits_per_byte": report["converted_bits_per_byte"]}, data, options,
+                   base=str(output / TWIN_DIR))
         print(f"ANN twin: {report['twin_bits_per_byte']:.3f} bits per byte; converted to T={snn.config.time_steps} "
               f"IF neurons: {report['converted_bits_per_byte']:.3f} (gap {report['gap_bits_per_byte']:+.3f}); "
               f"saved to {output}. Close the gap with: spikelm distill --model {output} "

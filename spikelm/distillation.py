@@ -16,25 +16,56 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SpikeLMError
-from .loading import has_tokenizer, load_tokenizer
+from .loading import load_tokenizer
 from .training import SpikeLMTrainer, TrainingData, TrainingOptions, train
 
 
-def distillation_loss(student_logits, teacher_logits, labels, alpha=0.5, temperature=2.0, ignore_index=-100):
+DEFAULT_CHUNK_POSITIONS = 256  # positions per chunk of the loss: a [B, 256, V] slice at a time
+
+
+def _summed_terms(student, teacher, targets, temperature: float, ignore_index: int, with_kl: bool):
+    """Sums over one chunk of positions. student, teacher: [B, n, V]; targets: [B, n].
+    -> (summed cross-entropy, summed KL(p_teacher || p_student) over the positions that have a label)."""
+    logits = student.float().flatten(0, 1)  # [B n, V]: only this chunk is copied to float32
+    targets = targets.flatten()
+    ce = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+    if not with_kl:
+        return ce, logits.new_zeros(())
+    keep = (targets != ignore_index).to(logits.dtype)
+    log_student = F.log_softmax(logits / temperature, -1)
+    log_teacher = F.log_softmax(teacher.float().flatten(0, 1) / temperature, -1)
+    kl_per_position = F.kl_div(log_student, log_teacher, log_target=True, reduction="none").sum(-1)
+    return ce, (kl_per_position * keep).sum()
+
+
+def distillation_loss(student_logits, teacher_logits, labels, alpha=0.5, temperature=2.0, ignore_index=-100,
+                      chunk_positions=DEFAULT_CHUNK_POSITIONS):
     """student_logits, teacher_logits: [B, N, V]; labels: [B, N] (unshifted, as a causal LM takes them).
-    Both terms are means over the positions that have a next-token label."""
-    logits = student_logits[:, :-1].float()
-    teacher = teacher_logits[:, :-1].float()
+    Both terms are means over the positions that have a next-token label.
+
+    The terms are summed over chunks of `chunk_positions` positions (None: all at once). With gradients on,
+    each chunk is checkpointed: its float32 copies and softmaxes, [B, chunk, V] each, exist for one chunk at a
+    time, in the forward and again in the backward, instead of for all N positions (at V = 50k-150k they are
+    the largest tensors of a step). The result equals the unchunked one up to float32 summation order."""
+    from torch.utils.checkpoint import checkpoint
+
+    positions = student_logits.shape[1] - 1  # the last position has no next token
     targets = labels[:, 1:]
-    keep = targets != ignore_index
-    logits, teacher, targets = logits[keep], teacher[keep], targets[keep]  # [M, V], [M, V], [M]
-    ce = F.cross_entropy(logits, targets)
+    count = (targets != ignore_index).sum()
+    step = positions if chunk_positions is None else chunk_positions
+    checkpointed = torch.is_grad_enabled() and student_logits.requires_grad and step < positions
+    ce = kl = 0.0
+    for start in range(0, positions, step):
+        end = min(start + step, positions)
+        args = (student_logits[:, start:end], teacher_logits[:, start:end], targets[:, start:end], temperature,
+                ignore_index, alpha != 0)
+        ce_part, kl_part = checkpoint(_summed_terms, *args, use_reentrant=False) if checkpointed \
+            else _summed_terms(*args)
+        ce, kl = ce + ce_part, kl + kl_part
+    ce = ce / count
     if alpha == 0:
         return ce
-    # KL(p_teacher || p_student) per position, summed over the vocabulary, averaged over positions
-    kl = F.kl_div(F.log_softmax(logits / temperature, -1), F.log_softmax(teacher / temperature, -1),
-                  log_target=True, reduction="batchmean")
-    return (1 - alpha) * ce + alpha * temperature ** 2 * kl
+    return (1 - alpha) * ce + alpha * temperature ** 2 * (kl / count)
 
 
 # ================================================================ training against a teacher
@@ -64,17 +95,24 @@ class DistillationTrainer(SpikeLMTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def check_teacher(teacher, tokenizer, student_vocab_size=None, teacher_path=None):
+def _tokenizer_or_none(name, revision):
+    try:
+        return load_tokenizer(name, revision)
+    except SpikeLMError:
+        return None
+
+
+def check_teacher(teacher, tokenizer, student_vocab_size=None, teacher_path=None, revision=None):
     """Refuse a teacher whose logits do not index the student's vocabulary: another size, or (when its
-    directory `teacher_path` holds a tokenizer) other tokens."""
+    directory or hub repository `teacher_path` holds a tokenizer) other tokens."""
     name = teacher_path or "the teacher"
     expected = student_vocab_size or len(tokenizer)
     if teacher.config.vocab_size != expected:
         raise SpikeLMError(f"the teacher {name} has a vocabulary of {teacher.config.vocab_size} tokens and the "
                            f"student {expected}: distillation needs the same tokenizer; train the teacher with "
                            f"--tokenizer pointing at the student's")
-    if teacher_path is not None and has_tokenizer(teacher_path) and \
-            load_tokenizer(teacher_path).get_vocab() != tokenizer.get_vocab():
+    teachers_own = _tokenizer_or_none(teacher_path, revision) if teacher_path is not None else None
+    if teachers_own is not None and teachers_own.get_vocab() != tokenizer.get_vocab():
         raise SpikeLMError(f"the teacher {teacher_path} uses a different tokenizer from the student's: "
                            f"distillation needs the same one; pass --tokenizer {teacher_path}")
 

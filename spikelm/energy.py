@@ -1,6 +1,7 @@
-"""Energy accounting: synaptic operations counted exactly from the spikes that flowed.
+"""Energy accounting: operations counted exactly from the spikes that flowed, and the memory traffic they cause.
 
-Rules (DESIGN.md section 3), one small pure function each, over counts:
+Operation rules (docs/design.md, "Energy"; the README's "Energy accounting"), one small pure function each, over
+counts:
 
 - a weight matrix out x in fed spikes: out x (number of input spikes) accumulates (ACs);
   fed real values: out x in multiply-accumulates (MACs) per input vector;
@@ -11,17 +12,48 @@ Rules (DESIGN.md section 3), one small pure function each, over counts:
   threshold comparison an AC; a soft reset subtracts the threshold once per spike (AC);
 - the membrane shortcut adds each branch's output to the residual stream: an AC per element and step,
   reported in the `neurons` row (it is a membrane update);
-- norms: their multiplications as MACs and additions as ACs, in their own row.
+- norms: their multiplications as MACs and additions as ACs, in their own row;
+- a division and a reciprocal square root are not one operation: a reciprocal 1/z costs RECIPROCAL_MACS = 4
+  MACs (Newton-Raphson x <- x (2 - z x), 2 MACs an iteration, 2 iterations from an 8-bit table seed reach
+  fp32's 24 bits) and an rsqrt RSQRT_MACS = 7 (y <- y (1.5 - 0.5 a y^2): 0.5 a once, then 3 MACs an
+  iteration, 2 iterations). The same counts at every precision (fewer iterations would do at int8: we do
+  not round in spikelm's favour).
 
-Energy = E_AC * ACs + E_MAC * MACs, with E_AC = 0.9 pJ and E_MAC = 4.6 pJ (32-bit floating point in 45 nm
-CMOS, Horowitz 2014). The ANN reference is the same-shape GPT-2, all MACs: its weight matrices and its
-attention products. It leaves out GPT-2's norms, softmax and GELU, so the comparison favours GPT-2.
+Memory rules (after the analytical models of Lemaire et al. 2022, "An analytical estimation of spiking neural
+networks energy efficiency", ICONIP, as SpikingJelly's energy estimate uses it, and Yan et al. 2024,
+"Reconsidering the energy efficiency of spiking neural networks"), counted in values and priced in bits:
+
+- weights: an event-driven layer reads the column of each firing input, each step (out values per input
+  spike); a dense layer reads every weight for each input vector;
+- neuron state: each neuron's membrane is read and written once per step;
+- attention state: the recurrent form reads and writes its whole state each token and step (ssa: H d^2
+  values per step, sdsa: D), the decay sum once per token; the token shift reads and writes the previous
+  token's spikes (1 bit each); GPT-2's KV cache: 2 D values written per token and layer, 2 D values read per
+  past position;
+- the head's running sum of logits over the T steps is read and written at each step after the first.
+Activations passed between layers (spikes or real values) and the embedding lookup are left out for every
+model alike.
+
+Prices (`Prices`, all settable): an add and a multiply at fp32, bf16 or int8 from Horowitz 2014 ("Computing's
+energy problem", ISSCC; 45 nm): fp32 add 0.9 pJ, multiply 3.7 pJ; fp16 add 0.4, multiply 1.1 (used for bf16,
+which Horowitz does not list; a bf16 multiplier is smaller, so this does not favour spikelm); int8 add 0.03,
+multiply 0.2. E_AC = add, E_MAC = multiply + add (fp32: 0.9 and 4.6 pJ). A memory access: 10 pJ per 64 bits
+read from an 8 KiB SRAM (Horowitz 2014), writes priced as reads; DRAM costs 1.3 to 2.6 nJ per 64 bits
+(DRAM_PJ_PER_64_BITS = 2000 to price off-chip weights). Weights and states take the precision's bits; spikes
+1 bit.
+
+References, each counted by the same rules for exactly the work the same call does (a head only where
+logits are computed; real tokens only): the same-shape GPT-2 at fp32 and at int8 (its weights, softmax
+attention products, norms and residual adds; softmax, GELU and biases are left out, in its favour), and the
+ANN twin of spikelm's own architecture (real-valued activations, one pass, the same linear attention, ReLU
+activations counted as one comparison each), priced at the chosen precision.
 
 Hooks and `counter` attributes only collect counts; the arithmetic lives in the rule functions.
 """
 
+import math
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -29,8 +61,14 @@ from torch import nn
 from .modeling_spikelm import SpikeLMAttention, SpikeLMBlock, SpikeLMForCausalLM, SpikeLMModel, SpikeLMRMSNorm
 from .neurons import SpikingNeuron
 
-E_AC_PJ = 0.9
-E_MAC_PJ = 4.6
+# precision: (E_AC = an add, E_MAC = a multiply + an add, in pJ; bits per value). Horowitz 2014, 45 nm:
+# fp32 add 0.9, multiply 3.7; fp16 (for bf16) add 0.4, multiply 1.1; int8 add 0.03, multiply 0.2
+PRECISIONS = {"fp32": (0.9, 4.6, 32), "bf16": (0.4, 1.5, 16), "int8": (0.03, 0.23, 8)}
+E_AC_PJ, E_MAC_PJ = PRECISIONS["fp32"][:2]
+SRAM_PJ_PER_64_BITS = 10.0  # 8 KiB SRAM read, Horowitz 2014
+DRAM_PJ_PER_64_BITS = 2000.0  # DRAM: 1.3 to 2.6 nJ per 64 bits, Horowitz 2014
+RECIPROCAL_MACS = 4
+RSQRT_MACS = 7
 KINDS = ("weights", "attention", "neurons", "norms")
 
 
@@ -67,14 +105,14 @@ def residual_ops(width: int, vectors: int) -> tuple[int, int]:
 def norm_ops(norm_type: str, width: int, vectors: int) -> tuple[int, int]:
     """Per vector of `width`:
     layernorm: sum (D ACs), centre (D ACs), + eps (1 AC); squares (D MACs), mean and variance scaling (2 MACs),
-        rsqrt (1 MAC), normalise (D MACs), affine (D MACs)  ->  2D + 1 ACs, 3D + 3 MACs
-    rmsnorm: squares (D MACs), scaling (1 MAC), + eps (1 AC), rsqrt (1 MAC), normalise (D MACs), gain (D MACs)
-        ->  1 AC, 3D + 2 MACs
+        rsqrt (RSQRT_MACS), normalise (D MACs), affine (D MACs)  ->  2D + 1 ACs, 3D + 2 + RSQRT_MACS MACs
+    rmsnorm: squares (D MACs), scaling (1 MAC), + eps (1 AC), rsqrt (RSQRT_MACS), normalise (D MACs),
+        gain (D MACs)  ->  1 AC, 3D + 1 + RSQRT_MACS MACs
     """
     if norm_type == "layernorm":
-        return (2 * width + 1) * vectors, (3 * width + 3) * vectors
+        return (2 * width + 1) * vectors, (3 * width + 2 + RSQRT_MACS) * vectors
     if norm_type == "rmsnorm":
-        return vectors, (3 * width + 2) * vectors
+        return vectors, (3 * width + 1 + RSQRT_MACS) * vectors
     raise ValueError(f"no counting rule for norm {norm_type!r}")
 
 
@@ -83,21 +121,24 @@ def ssa_ops(time_steps: int, heads: int, head_dim: int, tokens: int, kv_pairs: i
     S = gamma S + k v^T: d*d MACs (decay) per head and step; one AC per (k, v) spike pair.
     z = gamma z + 1: 1 MAC per head and token (shared by the T steps).
     a = q S: one d-wide row added per q spike: d ACs per q spike.
-    a * scale / z: 1 MAC per head and token for scale / z, then d MACs per head and step.
+    a * scale / z: per head and token 1 / z (RECIPROCAL_MACS) and its product with scale (1 MAC), then d MACs
+    per head and step.
     """
     ac = kv_pairs + q_spikes * head_dim
-    mac = tokens * (time_steps * heads * head_dim * head_dim + heads + heads + time_steps * heads * head_dim)
+    mac = tokens * (time_steps * heads * head_dim * head_dim + heads * (2 + RECIPROCAL_MACS)
+                    + time_steps * heads * head_dim)
     return ac, mac
 
 
 def sdsa_ops(time_steps: int, heads: int, width: int, tokens: int, coincidences: int):
     """Recurrent channel-wise attention, summed over tokens and steps:
     S = gamma S + k*v: D MACs (decay) per step, one AC per coinciding k, v spike.
-    z = gamma z + 1: 1 MAC per head and token; r = S / z: 1 MAC per head and token for 1 / z, D MACs per step.
-    q masks the thresholded r: counted as D ACs per step (an AND is cheaper; we do not round in our favour).
+    z = gamma z + 1: 1 MAC per head and token; r = S / z: 1 / z per head and token (RECIPROCAL_MACS), then
+    D MACs per step. q masks the thresholded r: counted as D ACs per step (an AND is cheaper; we do not round
+    in our favour).
     """
     ac = coincidences + tokens * time_steps * width
-    mac = tokens * (time_steps * width + heads + heads + time_steps * width)
+    mac = tokens * (time_steps * width + heads * (1 + RECIPROCAL_MACS) + time_steps * width)
     return ac, mac
 
 
@@ -116,44 +157,105 @@ def head_average_ops(vocab_size: int, tokens: int) -> tuple[int, int]:
     return 0, vocab_size * tokens
 
 
-def gpt2_reference_counts(config, tokens, logits=None, context=None):
-    """MACs of a same-shape GPT-2 (the width, depth, vocabulary and MLP of `config`) doing the work of one
-    sequence of `tokens` real tokens with causal softmax attention and a KV cache.
+# ================================================================ rules: memory traffic, in values
 
-    logits: positions whose logits it computes (default: every token; generate() keeps the last one of a
-    prompt); context: the sum of the tokens' 1-based positions (default: one sequence, tokens (tokens + 1) / 2).
-    Per token and layer: Q, K, V and output projections 4 D^2, MLP 2 D * inner. Attention at position p
-    (1-based): q.k over p keys (D MACs each) and the weighted sum of p values (D MACs each).
-    The LM head: V * D per logit. Norms, softmax and GELU are left out (in GPT-2's favour).
-    Returns a dict of MACs.
-    """
-    D, L, V = config.hidden_size, config.num_hidden_layers, config.vocab_size  # a GPT2Config maps these too
-    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * D
-    logits = tokens if logits is None else logits
-    context = tokens * (tokens + 1) // 2 if context is None else context
-    weights = tokens * L * (4 * D * D + 2 * D * inner)
-    attention = L * 2 * D * context
-    head = logits * V * D
-    return {"weights": weights, "attention": attention, "head": head, "total": weights + attention + head}
+
+def weight_reads_on_spikes(out_features: int, input_spikes: int) -> int:
+    """Event-driven: each input spike fetches its column of the matrix (out values), at each step."""
+    return out_features * input_spikes
+
+
+def weight_reads_dense(out_features: int, in_features: int, input_vectors: int) -> int:
+    """A dense layer fetches every weight for each input vector."""
+    return out_features * in_features * input_vectors
+
+
+def neuron_state_traffic(neuron_steps: int) -> tuple[int, int]:
+    """(reads, writes): each neuron's membrane is read and written back once per step."""
+    return neuron_steps, neuron_steps
+
+
+def attention_state_traffic(state_values: int, heads: int, tokens: int) -> tuple[int, int]:
+    """(reads, writes) of the recurrent form per row: its whole state each token (the decay touches all of it;
+    ssa: T H d^2 values, sdsa: T D) and the H decay sums."""
+    values = tokens * (state_values + heads)
+    return values, values
+
+
+def token_shift_traffic(time_steps: int, width: int, tokens: int) -> tuple[int, int]:
+    """(reads, writes) of 1-bit values: the previous token's spikes, read for K and V, replaced by this one's."""
+    values = tokens * time_steps * width
+    return values, values
+
+
+def head_average_traffic(time_steps: int, vocab_size: int, logits: int) -> tuple[int, int]:
+    """(reads, writes): the running sum of a position's logits, read and written at every step after the first."""
+    values = (time_steps - 1) * vocab_size * logits
+    return values, values
+
+
+def kv_cache_traffic(width: int, layers: int, tokens: int, context: int) -> tuple[int, int]:
+    """(reads, writes) of a softmax-attention KV cache: per layer each token writes its key and value (2 D) and
+    reads the keys and values of every position up to its own (2 D per position: `context` positions in all)."""
+    return 2 * width * layers * context, 2 * width * layers * tokens
+
+
+# ================================================================ prices
+
+
+@dataclass(frozen=True)
+class Prices:
+    """pJ per operation and per memory access at one precision (Horowitz 2014 defaults, all settable)."""
+
+    precision: str = "fp32"
+    e_ac: float | None = None  # default: the precision's add
+    e_mac: float | None = None  # default: the precision's multiply + add
+    bits: int | None = None  # bits per weight and state value; default: the precision's
+    read_pj_per_64_bits: float = SRAM_PJ_PER_64_BITS
+    write_pj_per_64_bits: float = SRAM_PJ_PER_64_BITS
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)} (got {self.precision!r})")
+        e_ac, e_mac, bits = PRECISIONS[self.precision]
+        for name, default in (("e_ac", e_ac), ("e_mac", e_mac), ("bits", bits)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
+        if min(self.e_ac, self.e_mac, self.read_pj_per_64_bits, self.write_pj_per_64_bits) < 0 or self.bits < 1:
+            raise ValueError(f"energy prices must be non-negative and bits at least 1 (got {self})")
+
+    def compute_pj(self, counts) -> float:
+        return picojoules(counts.ac, counts.mac, self.e_ac, self.e_mac)
+
+    def memory_pj(self, counts) -> float:
+        read, write = self.read_pj_per_64_bits / 64, self.write_pj_per_64_bits / 64  # per bit
+        return ((counts.weight_reads + counts.state_reads) * self.bits * read + counts.state_writes * self.bits * write
+                + counts.spike_reads * read + counts.spike_writes * write)
 
 
 def picojoules(ac, mac, e_ac=E_AC_PJ, e_mac=E_MAC_PJ):
     return e_ac * ac + e_mac * mac
 
 
-# ================================================================ collecting
+# ================================================================ counts
 
 
 @dataclass
 class EnergyCounts:
     """Exact counts of the work done for one sequence (one batch row), or summed over several.
 
+    Memory traffic in values: weights and states at the precision's bits, spikes at 1 bit.
     tokens: real positions processed; logits: real positions whose logits were computed; context: the sum over
     real positions of their 1-based position in their sequence (what softmax attention's cost grows with).
     """
 
     ac: int = 0
     mac: int = 0
+    weight_reads: int = 0
+    state_reads: int = 0
+    state_writes: int = 0
+    spike_reads: int = 0
+    spike_writes: int = 0
     spikes: int = 0
     neuron_steps: int = 0
     tokens: int = 0
@@ -166,11 +268,138 @@ class EnergyCounts:
         return self
 
     def picojoules(self, e_ac=E_AC_PJ, e_mac=E_MAC_PJ) -> float:
+        """Operation energy (see `figures` for memory and totals at a precision)."""
         return picojoules(self.ac, self.mac, e_ac, e_mac)
 
     @property
     def firing_rate(self) -> float:
         return self.spikes / self.neuron_steps if self.neuron_steps else 0.0
+
+    def figures(self, prices: Prices, per: int) -> dict:
+        """Counts and energy per `per` (tokens): ACs, MACs, memory traffic, compute / memory / total pJ."""
+        compute, memory = prices.compute_pj(self), prices.memory_pj(self)
+        out = {name: getattr(self, name) / per for name in ("ac", "mac", "weight_reads", "state_reads",
+                                                             "state_writes", "spike_reads", "spike_writes")}
+        out.update(compute_pj=compute / per, memory_pj=memory / per, total_pj=(compute + memory) / per,
+                   precision=prices.precision)
+        return out
+
+
+# ================================================================ references: the same rules, from a config
+
+
+def gpt2_reference_counts(config, tokens, logits=None, context=None):
+    """A same-shape GPT-2 (the width, depth, vocabulary and MLP of `config`) doing the work of `tokens` real
+    tokens with causal softmax attention and a KV cache.
+
+    logits: positions whose logits it computes (default: every token; generate() keeps the last one of a
+    prompt); context: the sum of the tokens' 1-based positions (default: one sequence, tokens (tokens + 1) / 2).
+    Per token and layer: Q, K, V and output projections 4 D^2, MLP 2 D * inner. Attention at position p
+    (1-based): q.k over p keys (D MACs each) and the weighted sum of p values (D MACs each).
+    The LM head: V * D per logit. Norms (2 per layer and a final one): norm_ops; residual adds: 2 D per layer.
+    Softmax, GELU and biases are left out (in GPT-2's favour).
+    Returns MACs by part ("weights", "attention", "head", "norms", "total") and the whole as EnergyCounts ("counts").
+    """
+    D, L, V = config.hidden_size, config.num_hidden_layers, config.vocab_size  # a GPT2Config maps these too
+    inner = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * D
+    logits = tokens if logits is None else logits
+    context = tokens * (tokens + 1) // 2 if context is None else context
+    weights = tokens * L * (4 * D * D + 2 * D * inner)
+    attention = L * 2 * D * context
+    head = logits * V * D
+    norm_ac, norm_mac = norm_ops("layernorm", D, tokens * (2 * L + 1))
+    residual_ac, _ = residual_ops(D, tokens * 2 * L)
+    kv_reads, kv_writes = kv_cache_traffic(D, L, tokens, context)
+    counts = EnergyCounts(ac=norm_ac + residual_ac, mac=weights + attention + head + norm_mac,
+                          weight_reads=weights + head, state_reads=kv_reads, state_writes=kv_writes,
+                          tokens=tokens, logits=logits, context=context)
+    return {"weights": weights, "attention": attention, "head": head, "norms": norm_mac,
+            "total": weights + attention + head + norm_mac, "counts": counts}
+
+
+def ann_twin_reference_counts(config, tokens, logits=None) -> EnergyCounts:
+    """The ANN twin of a spikelm `config`: the same layers with real-valued activations (ReLU where spikelm has
+    neurons), one pass per token, the same linear attention in its recurrent form. Every matrix is fed real
+    values (MACs, dense weight reads). Per token and layer:
+      attention (ssa): S = gamma S + k v^T: 2 MACs per element of the H d x d state (decay, product);
+        z = gamma z + 1: 1 MAC per head; q S: H d^2 MACs; scale / z: RECIPROCAL_MACS + 1 per head, d per head;
+      attention (sdsa): S = gamma S + k * v: 2 D MACs; z: 1 MAC per head; 1 / z: RECIPROCAL_MACS per head;
+        S / z: D MACs; q times the activated read-out: D MACs;
+      state traffic: the attention state and the decay sums read and written, the token shift's previous
+        activations (D values) read and written;
+      activations: one comparison (AC) each; norms: norm_ops; residual adds: 2 D ACs.
+    """
+    D, L, V, H, d = (config.hidden_size, config.num_hidden_layers, config.vocab_size, config.num_attention_heads,
+                     config.head_dim)
+    inner = config.intermediate_size
+    logits = tokens if logits is None else logits
+    kv_in = 2 * D if config.token_shift else D
+    weights = L * (D * D + kv_in * 2 * D + D * D + 2 * D * inner)
+    if config.attention_type == "ssa":
+        attention_mac = 3 * H * d * d + H * (2 + RECIPROCAL_MACS) + H * d
+        state = H * d * d + H
+    else:
+        attention_mac = 2 * D + H * (1 + RECIPROCAL_MACS) + D + D
+        state = D + H
+    if getattr(config, "gated_decay", False):  # the gate's matrix (H x D, fed real values) and its sigmoid
+        weights += L * H * D
+        attention_mac += gate_ops(1, H, 1)[1]
+    activations = L * (D + 4 * D + D + inner) + D  # attention input, q, k, v, read-out; MLP input, hidden; output
+    norm_ac, norm_mac = norm_ops(config.norm_type, D, 2 * L + 1)
+    if getattr(config, "gated_decay", False):
+        norm_ac += L * gate_ops(1, H, 1)[0]
+    shift = D if config.token_shift else 0
+    return EnergyCounts(
+        ac=tokens * (activations + norm_ac + 2 * L * D),
+        mac=tokens * (weights + L * attention_mac + norm_mac) + logits * V * D,
+        weight_reads=tokens * weights + logits * V * D,
+        state_reads=tokens * L * (state + shift), state_writes=tokens * L * (state + shift),
+        tokens=tokens, logits=logits, context=tokens * (tokens + 1) // 2)
+
+
+REFERENCES = {  # name: (what it is, its precision: None = the report's)
+    "gpt2_fp32": ("same-shape GPT-2, fp32", "fp32"),
+    "gpt2_int8": ("same-shape GPT-2, int8", "int8"),
+    "ann_twin": ("ANN twin (real activations, same linear attention)", None),
+}
+
+
+def reference_counts(name, config, counts: EnergyCounts) -> EnergyCounts:
+    """The reference `name` doing the work spikelm's `counts` record (same real tokens, same logits)."""
+    if name.startswith("gpt2"):
+        return gpt2_reference_counts(config, counts.tokens, logits=counts.logits, context=counts.context)["counts"]
+    if name == "ann_twin":
+        return ann_twin_reference_counts(config, counts.tokens, logits=counts.logits)
+    raise ValueError(f"no reference {name!r}; known: {sorted(REFERENCES)}")
+
+
+def summarise(counts: EnergyCounts, config, prices: Prices | None = None, per: int | None = None) -> dict:
+    """Per-token figures of spikelm's `counts` and of every reference doing the same work, at `prices`.
+
+    per: the denominator (default: the real tokens processed; the server divides by generated tokens).
+    Ratios are spikelm over the reference: below 1, spikelm spends less.
+    """
+    prices = prices or Prices()
+    per = per or counts.tokens
+    spikelm = counts.figures(prices, per)
+    spikelm["by_precision"] = {p: counts.figures(Prices(p, read_pj_per_64_bits=prices.read_pj_per_64_bits,
+                                                          write_pj_per_64_bits=prices.write_pj_per_64_bits), per)
+                               for p in PRECISIONS}
+    references = {}
+    for name, (label, precision) in REFERENCES.items():
+        # at the report's own precision a reference takes the report's prices (settings included)
+        reference_prices = prices if precision in (None, prices.precision) else Prices(
+            precision, read_pj_per_64_bits=prices.read_pj_per_64_bits, write_pj_per_64_bits=prices.write_pj_per_64_bits)
+        figures = reference_counts(name, config, counts).figures(reference_prices, per)
+        figures["label"] = label
+        for part in ("compute", "total"):
+            figures[f"{part}_ratio"] = spikelm[f"{part}_pj"] / figures[f"{part}_pj"] if figures[f"{part}_pj"] else 0.0
+        references[name] = figures
+    return {"spikelm": spikelm, "references": references,
+            "prices": {f.name: getattr(prices, f.name) for f in fields(prices)}}
+
+
+# ================================================================ collecting
 
 
 def _is_binary(x):
@@ -182,10 +411,18 @@ def _nonzeros_per_row(x, batch_dim=1):
     return torch.count_nonzero(x.movedim(batch_dim, 0).reshape(x.shape[batch_dim], -1), dim=1)
 
 
+COUNTED = tuple(f.name for f in fields(EnergyCounts))
+
+
+def _is_spike_counts(module, x):
+    """The LM head (`fed_spike_counts`) gets per-token counts of its input spikes: whole numbers >= 0."""
+    return getattr(module, "fed_spike_counts", False) and bool((x >= 0).all()) and bool((x == x.round()).all())
+
+
 class EnergyCounter:
-    """Collects exact counts per batch row: operations per (layer, kind), spikes and neuron-steps per layer,
-    real tokens, computed logits and positions. Every figure of the report is a sum over rows; `row(i)` gives
-    one sequence's counts (the serving engine batches many sequences in one forward).
+    """Collects exact counts per batch row: operations and memory traffic per (layer, kind), spikes and
+    neuron-steps per layer, real tokens, computed logits and positions. Every figure of the report is a sum
+    over rows; `row(i)` gives one sequence's counts (the serving engine batches many sequences in one forward).
 
     positions: tokens each row has already processed before the counter starts (a decode step continues
     sequences whose earlier forwards another counter saw); a forward with no state to continue starts its
@@ -220,17 +457,32 @@ class EnergyCounter:
         self._add(("ac", layer, kind), ac, rows)
         self._add(("mac", layer, kind), mac, rows)
 
+    def add_traffic(self, layer, kind, rows, weight_reads=0, state=(0, 0), spike=(0, 0)):
+        for quantity, values in (("weight_reads", weight_reads), ("state_reads", state[0]),
+                                 ("state_writes", state[1]), ("spike_reads", spike[0]), ("spike_writes", spike[1])):
+            self._add((quantity, layer, kind), values, rows)
+
     # --- called by hooks and by the modules' `counter` attribute; tensors are [T, B, n, ...] (batch in dim 1)
     def linear(self, module, inputs, output):
         x = inputs[0]
-        rows = x.shape[1]
+        rows, layer = x.shape[1], self.labels[module]
         if _is_binary(x):
-            ops = weight_ops_on_spikes(module.out_features, _nonzeros_per_row(x))
+            spikes = _nonzeros_per_row(x)
+            ops = weight_ops_on_spikes(module.out_features, spikes)
+            reads = weight_reads_on_spikes(module.out_features, spikes)
+        elif _is_spike_counts(module, x):  # each counted spike adds one column, as a spike does
+            spikes = x.movedim(1, 0).reshape(rows, -1).sum(1, dtype=torch.float64).long()
+            ops = weight_ops_on_spikes(module.out_features, spikes)
+            reads = weight_reads_on_spikes(module.out_features, _nonzeros_per_row(x))  # a column per non-zero count
         else:
-            ops = weight_ops_on_reals(module.out_features, module.in_features, x[:, 0].numel() // module.in_features)
-        self.add(self.labels[module], "weights", ops, rows)
+            vectors = x[:, 0].numel() // module.in_features
+            ops = weight_ops_on_reals(module.out_features, module.in_features, vectors)
+            reads = weight_reads_dense(module.out_features, module.in_features, vectors)
+        self.add(layer, "weights", ops, rows)
+        self.add_traffic(layer, "weights", rows, weight_reads=reads)
         if module.bias is not None:  # one addition per output (none of spikelm's matrices have a bias)
-            self.add(self.labels[module], "weights", (output[:, 0].numel(), 0), rows)
+            self.add(layer, "weights", (output[:, 0].numel(), 0), rows)
+            self.add_traffic(layer, "weights", rows, weight_reads=output[:, 0].numel())
 
     def norm(self, module, inputs, output):
         x = inputs[0]
@@ -248,18 +500,26 @@ class EnergyCounter:
         layer, rows = self.labels[neuron], spikes.shape[1]
         count = _nonzeros_per_row(spikes)
         neurons = spikes[0, 0].numel()
+        steps = spikes[:, 0].numel()
         leak_is_one = neuron.leak_logit is None and neuron.fixed_leak == 1.0
         self.add(layer, "neurons", neuron_ops(neurons, spikes.shape[0], count, leak_is_one, neuron.reset), rows)
+        self.add_traffic(layer, "neurons", rows, state=neuron_state_traffic(steps))
         self._add(("spikes", layer, None), count, rows)
-        self._add(("neuron_steps", layer, None), spikes[:, 0].numel(), rows)
+        self._add(("neuron_steps", layer, None), steps, rows)
 
     def attention(self, module, q, k, v, mask, attended):
         # per batch row, by its kind's rule (ssa_ops or sdsa_ops) and, with a gated decay, gate_ops
-        self.add(self.labels[module], "attention", module.count_ops(q, k, v), q.shape[1])
+        T, B, n, D = q.shape
+        self.add(self.labels[module], "attention", module.count_ops(q, k, v), B)
+        state = math.prod(module.kind.state_shape(T, 1, module.num_heads, module.head_dim))  # one row's state
+        self.add_traffic(self.labels[module], "attention", B,
+                         state=attention_state_traffic(state, module.num_heads, n),
+                         spike=token_shift_traffic(T, D, n) if module.token_shift else (0, 0))
 
     def head_average(self, module, logits):  # logits [B, n, V]
         rows, kept, vocab = logits.shape
         self.add("head", "weights", head_average_ops(vocab, kept), rows)
+        self.add_traffic("head", "weights", rows, state=head_average_traffic(module.config.time_steps, vocab, kept))
         self._add(("logits", None, None), self._mask[:, -kept:].sum(1), rows)
 
     def model(self, module, args, kwargs, output):
@@ -311,9 +571,11 @@ class EnergyCounter:
 
     def row(self, i) -> EnergyCounts:
         """The counts of batch row i, summed over layers."""
-        def total(quantity):
-            return sum(int(v[i]) for k, v in self.counts.items() if k[0] == quantity and i < len(v))
-        return EnergyCounts(**{name: total(name) for name in EnergyCounts.__dataclass_fields__})
+        totals = dict.fromkeys(COUNTED, 0)
+        for (quantity, _, _), values in self.counts.items():
+            if i < len(values):
+                totals[quantity] += int(values[i])
+        return EnergyCounts(**totals)
 
     def row_firing_rate_per_layer(self, i) -> dict[str, float]:
         """Spikes per neuron and time step of batch row i, by layer ("layers.0", ..., "head"), in layer order."""
@@ -322,42 +584,61 @@ class EnergyCounter:
         return {layer: spikes[layer] / steps[layer] for layer in sorted(steps, key=_layer_order) if steps[layer]}
 
     def total(self) -> EnergyCounts:
-        counts = EnergyCounts()
-        for i in range(self.rows):
-            counts += self.row(i)
-        return counts
+        totals = dict.fromkeys(COUNTED, 0)
+        for (quantity, _, _), values in self.counts.items():
+            totals[quantity] += int(values.sum())
+        return EnergyCounts(**totals)
 
     # --- results
-    def report(self, e_ac=E_AC_PJ, e_mac=E_MAC_PJ):
-        """Per-token figures, and the same-shape GPT-2's for the same work (when the model's config is known)."""
+    def report(self, e_ac=None, e_mac=None, precision="fp32", prices: Prices | None = None):
+        """Per-token figures of spikelm and, when the model's config is known, of the references doing the same
+        work. Operation prices: e_ac / e_mac, else `prices`, else the precision's (fp32: 0.9 / 4.6 pJ)."""
         if self.tokens == 0:
             raise ValueError("the energy counter saw no tokens: run the model inside count_energy(model)")
+        prices = prices or Prices(precision)
+        if e_ac is not None or e_mac is not None:
+            prices = Prices(prices.precision, e_ac if e_ac is not None else prices.e_ac,
+                            e_mac if e_mac is not None else prices.e_mac, prices.bits, prices.read_pj_per_64_bits,
+                            prices.write_pj_per_64_bits)
         tokens = self.tokens
-        ac, mac, spikes, steps = self.ac, self.mac, self.spikes, self.neuron_steps
+        spikes, steps = self.spikes, self.neuron_steps
+        per_kind = {}
+        for (quantity, layer, kind), values in self.counts.items():
+            if kind is not None:
+                per_kind.setdefault((layer, kind), dict.fromkeys(COUNTED, 0))[quantity] += int(values.sum())
         rows = []
-        for layer, kind in sorted(set(ac) | set(mac), key=_row_order):
-            row_ac, row_mac = ac.get((layer, kind), 0) / tokens, mac.get((layer, kind), 0) / tokens
-            rows.append({"layer": layer, "kind": kind, "ac": row_ac, "mac": row_mac,
-                         "pj": picojoules(row_ac, row_mac, e_ac, e_mac)})
+        for layer, kind in sorted(per_kind, key=_row_order):
+            counts = EnergyCounts(**per_kind[(layer, kind)])
+            figures = counts.figures(prices, tokens)
+            rows.append({"layer": layer, "kind": kind, "ac": figures["ac"], "mac": figures["mac"],
+                         "pj": figures["compute_pj"], "memory_pj": figures["memory_pj"]})
         total = self.total()
+        mine = total.figures(prices, tokens)
         report = {
             "tokens": tokens,
-            "e_ac_pj": e_ac,
-            "e_mac_pj": e_mac,
-            "ac_per_token": total.ac / tokens,
-            "mac_per_token": total.mac / tokens,
+            "precision": prices.precision,
+            "e_ac_pj": prices.e_ac,
+            "e_mac_pj": prices.e_mac,
+            "ac_per_token": mine["ac"],
+            "mac_per_token": mine["mac"],
+            **{f"{name}_per_token": mine[name] for name in ("weight_reads", "state_reads", "state_writes",
+                                                            "spike_reads", "spike_writes")},
             "spikes_per_token": total.spikes / tokens,
             "firing_rate": total.firing_rate,
             "firing_rate_per_layer": {layer: spikes[layer] / steps[layer] for layer in sorted(steps, key=_layer_order)},
-            "pj_per_token": total.picojoules(e_ac, e_mac) / tokens,
-            "totals": {"ac": total.ac, "mac": total.mac, "spikes": total.spikes, "neuron_steps": total.neuron_steps},
+            "pj_per_token": mine["compute_pj"],
+            "compute_pj_per_token": mine["compute_pj"],
+            "memory_pj_per_token": mine["memory_pj"],
+            "total_pj_per_token": mine["total_pj"],
+            "totals": {name: getattr(total, name) for name in COUNTED},
             "rows": rows,
         }
         if self.config is not None:
-            reference = gpt2_reference_counts(self.config, total.tokens, logits=total.logits, context=total.context)
-            report["ann_mac_per_token"] = reference["total"] / tokens
-            report["ann_pj_per_token"] = e_mac * reference["total"] / tokens
-            report["energy_ratio"] = report["pj_per_token"] / report["ann_pj_per_token"]
+            summary = summarise(total, self.config, prices, tokens)
+            gpt2 = summary["references"]["gpt2_fp32"]
+            report.update(references=summary["references"], by_precision=summary["spikelm"]["by_precision"],
+                          prices=summary["prices"], ann_mac_per_token=gpt2["mac"], ann_pj_per_token=gpt2["compute_pj"],
+                          energy_ratio=mine["compute_pj"] / gpt2["compute_pj"])
         return report
 
 
@@ -421,15 +702,16 @@ def count_inference(model, counter=None):
         model.train(was_training)
 
 
-def energy_report(model, input_ids, attention_mask=None, e_ac=E_AC_PJ, e_mac=E_MAC_PJ):
-    """Run `model` on `input_ids` [B, N] with the counters on; return per-token counts, energy and the
-    same-shape GPT-2 reference for the same real tokens (see EnergyCounter.report for the fields)."""
+def energy_report(model, input_ids, attention_mask=None, e_ac=None, e_mac=None, precision="fp32",
+                  prices: Prices | None = None):
+    """Run `model` on `input_ids` [B, N] with the counters on; return per-token counts, operation, memory and
+    total energy, and the references doing the same work on the same real tokens (see EnergyCounter.report)."""
     config = model.config
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
     with count_inference(model) as counter:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    report = counter.report(e_ac, e_mac)
+    report = counter.report(e_ac, e_mac, precision, prices)
     report["config"] = {"hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
                         "num_attention_heads": config.num_attention_heads, "time_steps": config.time_steps,
                         "attention_type": config.attention_type, "vocab_size": config.vocab_size,

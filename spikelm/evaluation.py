@@ -150,18 +150,17 @@ def perplexity(model, tokenizer, text, chunk=DEFAULT_CHUNK, max_length=None, str
 
 
 def energy_evaluation(model, tokenizer, text, tokens=DEFAULT_ENERGY_TOKENS, chunk=DEFAULT_CHUNK, e_ac=None,
-                      e_mac=None):
+                      e_mac=None, precision="fp32", prices=None):
     """The energy report of a spikelm model reading the first `tokens` tokens of `text` (in chunks, the state
-    carried), with the same-shape GPT-2 reading the same tokens as the reference. Adds spikes per token
-    per layer and GPT-2's own per-layer figures to spikelm.energy's report."""
+    carried), with the references (GPT-2 fp32 and int8, the ANN twin) doing the same work. Adds spikes per
+    token per layer and the fp32 GPT-2's own per-layer figures to spikelm.energy's report.
+    precision / prices: see spikelm.energy.Prices; e_ac / e_mac override the operation prices."""
     import torch
 
-    from .energy import E_AC_PJ, E_MAC_PJ, count_inference, gpt2_reference_counts
+    from .energy import count_inference, gpt2_reference_counts
 
     if not is_spikelm(model):
         raise SpikeLMError(f"the energy report counts spikes: {model.config.model_type!r} is not a spikelm model")
-    e_ac = E_AC_PJ if e_ac is None else e_ac
-    e_mac = E_MAC_PJ if e_mac is None else e_mac
     ids = torch.as_tensor(encode(tokenizer, text)[0][:tokens], device=model.device)
     cache = None
     with count_inference(model) as counter:
@@ -169,17 +168,21 @@ def energy_evaluation(model, tokenizer, text, tokens=DEFAULT_ENERGY_TOKENS, chun
             cache = model(ids[None, start:start + chunk], cache=cache, use_cache=True).cache
     config = model.config
     n = counter.tokens
-    total = counter.total()
-    reference = gpt2_reference_counts(config, n, logits=total.logits, context=total.context)
-    report = counter.report(e_ac, e_mac)
+    report = counter.report(e_ac, e_mac, precision, prices)
     report["spikes_per_token_per_layer"] = {layer: counter.spikes[layer] / n for layer in
                                             report["firing_rate_per_layer"]}
-    # GPT-2 per token: each layer's share of the weights and attention, and the head
+    # GPT-2 per token: each layer's share of the weights, attention and its two norms; the head and the last norm
+    total = counter.total()
+    reference = gpt2_reference_counts(config, n, logits=total.logits, context=total.context)
     layers = config.num_hidden_layers
-    per_layer_mac = (reference["weights"] + reference["attention"]) / layers / n
-    report["ann_per_layer"] = {**{f"layers.{i}": {"mac": per_layer_mac, "pj": e_mac * per_layer_mac}
+    e_gpt2 = report["references"]["gpt2_fp32"]["compute_pj"] / report["references"]["gpt2_fp32"]["mac"] if \
+        report["references"]["gpt2_fp32"]["mac"] else 0.0  # pJ per MAC-equivalent (its few ACs included)
+    norm_share = reference["norms"] / (2 * layers + 1)
+    per_layer_mac = (reference["weights"] + reference["attention"] + 2 * layers * norm_share) / layers / n
+    head_mac = (reference["head"] + norm_share) / n
+    report["ann_per_layer"] = {**{f"layers.{i}": {"mac": per_layer_mac, "pj": e_gpt2 * per_layer_mac}
                                   for i in range(layers)},
-                               "head": {"mac": reference["head"] / n, "pj": e_mac * reference["head"] / n}}
+                               "head": {"mac": head_mac, "pj": e_gpt2 * head_mac}}
     report["config"] = {"hidden_size": config.hidden_size, "num_hidden_layers": layers,
                         "num_attention_heads": config.num_attention_heads, "time_steps": config.time_steps,
                         "attention_type": config.attention_type, "vocab_size": config.vocab_size,

@@ -35,40 +35,78 @@ def _bytes(n):
 
 
 def energy_markdown(report):
-    """The energy report as Markdown: a summary, then one row per layer and kind (per token)."""
+    """The energy report as Markdown: spikelm against each reference (operations, memory traffic, compute,
+    memory and total pJ per token), spikelm at each precision, then one row per layer and kind (per token)."""
     config = report["config"]
+    prices = report["prices"]
+    refs = report["references"]
+    models = [("spikelm", {"ac": report["ac_per_token"], "mac": report["mac_per_token"],
+                           "weight_reads": report["weight_reads_per_token"],
+                           "state_reads": report["state_reads_per_token"],
+                           "state_writes": report["state_writes_per_token"],
+                           "spike_reads": report["spike_reads_per_token"],
+                           "compute_pj": report["compute_pj_per_token"], "memory_pj": report["memory_pj_per_token"],
+                           "total_pj": report["total_pj_per_token"], "precision": report["precision"]})]
+    models += [(ref["label"], ref) for ref in refs.values()]
+    spikelm_total = report["total_pj_per_token"]
+    spikelm_compute = report["compute_pj_per_token"]
     lines = [
         f"Energy per token of spikelm (D={config['hidden_size']}, {config['num_hidden_layers']} layers, "
         f"{config['num_attention_heads']} heads, T={config['time_steps']}, {config['attention_type']}, "
-        f"vocabulary {config['vocab_size']}) over {report['tokens']} tokens, "
-        f"E_AC = {report['e_ac_pj']} pJ, E_MAC = {report['e_mac_pj']} pJ.",
+        f"vocabulary {config['vocab_size']}) over {report['tokens']} tokens, at {report['precision']}: "
+        f"E_AC = {report['e_ac_pj']} pJ, E_MAC = {report['e_mac_pj']} pJ; memory {prices['read_pj_per_64_bits']} pJ "
+        f"per 64 bits read, {prices['write_pj_per_64_bits']} pJ written (an 8 KiB SRAM, Horowitz 2014). "
+        f"Firing rate {report['firing_rate']:.4f}, {_n(report['spikes_per_token'])} spikes per token. "
+        "Figures per token: counts, and energy in pJ per token. Ratios: spikelm over the model (below 1: spikelm "
+        "spends less).",
         "",
-        _table(["", "spikelm", "same-shape GPT-2", "ratio"], [
-            ["pJ per token", _n(report["pj_per_token"]), _n(report["ann_pj_per_token"]),
-             f"{report['energy_ratio']:.3f}"],
-            ["ACs per token", _n(report["ac_per_token"]), "0", ""],
-            ["MACs per token", _n(report["mac_per_token"]), _n(report["ann_mac_per_token"]),
-             f"{report['mac_per_token'] / report['ann_mac_per_token']:.3f}"],
-            ["spikes per token", _n(report["spikes_per_token"]), "", ""],
-            ["firing rate", f"{report['firing_rate']:.4f}", "", ""],
-        ]),
+        _table(["model", "precision", "ACs", "MACs", "weight reads", "state reads", "state writes", "compute pJ",
+                "memory pJ", "total pJ", "spikelm/model compute", "spikelm/model total"],
+               [[name, m["precision"], _n(m["ac"]), _n(m["mac"]), _n(m["weight_reads"]), _n(m["state_reads"]),
+                 _n(m["state_writes"]), _n(m["compute_pj"]), _n(m["memory_pj"]), _n(m["total_pj"]),
+                 f"{spikelm_compute / m['compute_pj']:.3f}", f"{spikelm_total / m['total_pj']:.3f}"]
+                for name, m in models]),
         "",
-        "Per layer (per token):",
+        "spikelm at each precision (weights, membranes and attention state at its bits; spikes 1 bit):",
         "",
-        _table(["layer", "firing rate", "spikes", "ACs", "MACs", "pJ", "GPT-2 pJ"],
+        _table(["precision", "compute pJ", "memory pJ", "total pJ", "vs GPT-2 fp32 total", "vs GPT-2 int8 total"],
+               [[p, _n(f["compute_pj"]), _n(f["memory_pj"]), _n(f["total_pj"]),
+                 f"{f['total_pj'] / refs['gpt2_fp32']['total_pj']:.3f}",
+                 f"{f['total_pj'] / refs['gpt2_int8']['total_pj']:.3f}"] for p, f in report["by_precision"].items()]),
+        "",
+        "Per layer (per token; GPT-2 pJ: the fp32 GPT-2's operations):",
+        "",
+        _table(["layer", "firing rate", "spikes", "ACs", "MACs", "compute pJ", "memory pJ", "GPT-2 pJ"],
                [[layer, f"{rate:.4f}", _n(report.get("spikes_per_token_per_layer", {}).get(layer)),
                  _n(sum(r["ac"] for r in report["rows"] if r["layer"] == layer)),
                  _n(sum(r["mac"] for r in report["rows"] if r["layer"] == layer)),
                  _n(sum(r["pj"] for r in report["rows"] if r["layer"] == layer)),
+                 _n(sum(r["memory_pj"] for r in report["rows"] if r["layer"] == layer)),
                  _n(report.get("ann_per_layer", {}).get(layer, {}).get("pj"))]
                 for layer, rate in report["firing_rate_per_layer"].items()]),
         "",
         "By layer and kind (per token):",
         "",
-        _table(["layer", "kind", "ACs", "MACs", "pJ"],
-               [[row["layer"], row["kind"], _n(row["ac"]), _n(row["mac"]), _n(row["pj"])] for row in report["rows"]]),
+        _table(["layer", "kind", "ACs", "MACs", "compute pJ", "memory pJ"],
+               [[row["layer"], row["kind"], _n(row["ac"]), _n(row["mac"]), _n(row["pj"]), _n(row["memory_pj"])]
+                for row in report["rows"]]),
     ]
     return "\n".join(lines) + "\n"
+
+
+def energy_summary_lines(report):
+    """Two lines for a terminal: spikelm's operation energy with its counts, then memory-inclusive figures of
+    spikelm and each reference (compute + memory = total pJ per token, with the operation counts)."""
+    first = (f"energy: {report['pj_per_token']:.0f} pJ/token ({report['ac_per_token']:.0f} ACs + "
+             f"{report['mac_per_token']:.0f} MACs per token, firing rate {report['firing_rate']:.3f}); "
+             f"same-shape GPT-2: {report['ann_pj_per_token']:.0f} pJ/token (x{report['energy_ratio']:.2f})")
+    parts = [f"spikelm {report['precision']} {report['compute_pj_per_token']:.0f} + "
+             f"{report['memory_pj_per_token']:.0f} = {report['total_pj_per_token']:.0f}"]
+    parts += [f"{ref['label'].split(' (')[0]}{'' if ref['label'].endswith(ref['precision']) else ' ' + ref['precision']} "
+              f"{ref['compute_pj']:.0f} + {ref['memory_pj']:.0f} = {ref['total_pj']:.0f} "
+              f"({ref['ac']:.0f} ACs + {ref['mac']:.0f} MACs)" for ref in report["references"].values()]
+    second = "with memory (operations + memory = total pJ/token): " + "; ".join(parts)
+    return first + "\n" + second
 
 
 def _layer_energy(report):
@@ -81,8 +119,9 @@ def _layer_energy(report):
 
 
 def plot_energy(report, path):
-    """Two panels: firing rate per layer, and energy per token per layer stacked by kind, with the
-    same-shape GPT-2's per-layer energy as markers."""
+    """Three panels: firing rate per layer; operation energy per token per layer stacked by kind, with the
+    fp32 GPT-2's per-layer energy as markers; and compute + memory energy per token of spikelm and each
+    reference."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -90,7 +129,7 @@ def plot_energy(report, path):
 
     layers, by_kind = _layer_energy(report)
     x = range(len(layers))
-    figure, (rates, energy) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (rates, energy, totals) = plt.subplots(1, 3, figsize=(16, 4.5))
     rates.bar(x, [report["firing_rate_per_layer"][layer] for layer in layers], color="tab:orange")
     rates.set(title="firing rate per layer", ylabel="spikes per neuron and step", xticks=list(x))
     rates.set_xticklabels(layers, rotation=30)
@@ -101,12 +140,23 @@ def plot_energy(report, path):
     if "ann_per_layer" in report:
         energy.plot(list(x), [report["ann_per_layer"][layer]["pj"] for layer in layers], "k_", markersize=30,
                     markeredgewidth=2, linestyle="none", label="same-shape GPT-2")
-    energy.set(title=f"energy per token (x{report['energy_ratio']:.2f} of GPT-2 in all)", ylabel="pJ per token",
-               xticks=list(x))
+    energy.set(title=f"operation energy per token (x{report['energy_ratio']:.2f} of GPT-2 in all)",
+               ylabel="pJ per token", xticks=list(x))
     energy.set_xticklabels(layers, rotation=30)
     top = max(bottom + [report.get("ann_per_layer", {}).get(layer, {}).get("pj", 0) for layer in layers])
     energy.set_ylim(0, 1.3 * top)  # room for the legend above the bars
     energy.legend(fontsize=8, ncol=3, loc="upper center")
+    names = [f"spikelm {p}" for p in report["by_precision"]] + [r["label"].replace(" (", "\n(")
+                                                                for r in report["references"].values()]
+    figures = list(report["by_precision"].values()) + list(report["references"].values())
+    y = range(len(names))
+    totals.barh(y, [f["compute_pj"] for f in figures], color="tab:blue", label="operations")
+    totals.barh(y, [f["memory_pj"] for f in figures], left=[f["compute_pj"] for f in figures], color="tab:gray",
+                label="memory (SRAM)")
+    totals.set(title="energy per token: operations + memory", xlabel="pJ per token", yticks=list(y))
+    totals.set_yticklabels(names, fontsize=7)
+    totals.invert_yaxis()
+    totals.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -3,8 +3,8 @@
 The saved directory loads with `AutoTokenizer.from_pretrained(DIR)` offline. The SentencePiece model is
 lossless: no normalisation, spaces kept as they are, line breaks a token of their own, and characters it never
 saw fall back to their UTF-8 bytes, so decode(encode(text)) == text for any text.
-(HF5-NOTES: copying the model to DIR/tokenizer.model and loading it with PreTrainedTokenizerFast gives the
-same ids as SentencePiece; LlamaTokenizer and the vocab_file= constructors do not.)
+(Copying the model to DIR/tokenizer.model and loading it with PreTrainedTokenizerFast gives the same ids as
+SentencePiece; LlamaTokenizer and the vocab_file= constructors do not.)
 """
 
 import io

@@ -147,6 +147,7 @@ class TrainingOptions:
     logging_steps: int = 10
     resume: bool = False  # continue from the last complete checkpoint in `output`
     compile_neurons: bool = False  # fuse the neuron loops with torch.compile
+    command: str | None = None  # the command line of this run, for the model card
 
     def __post_init__(self):
         if self.streaming and not self.max_steps:
@@ -209,6 +210,8 @@ def prepare_data(options: TrainingOptions, tokenizer=None, vocab_size: int = 102
         with training_args.main_process_first(desc="tokenizer"):  # rank 0 trains and saves, the others load it
             if isinstance(tokenizer, (str, Path)):
                 tokenizer = load_tokenizer(tokenizer)
+            if tokenizer is not None and tokenizer.pad_token is None:  # GPT-2's and Llama's have none
+                tokenizer.pad_token = tokenizer.eos_token
             if tokenizer is not None:
                 tokenizer.save_pretrained(output)
             elif has_tokenizer(output):
@@ -239,6 +242,24 @@ def gpt2_config(preset_name: str, tokenizer, block_size: int):
 
 
 # ================================================================ training
+
+
+def base_model(trainer, config_or_model) -> str | None:
+    """What a run started from, for the model card: the teacher's name, else the fine-tuned model's."""
+    teacher = getattr(trainer, "teacher", None)
+    if teacher is not None:
+        return teacher.name_or_path or None
+    return None if isinstance(config_or_model, PretrainedConfig) else (config_or_model.name_or_path or None)
+
+
+def write_card(output, model, metrics, data: TrainingData, options: TrainingOptions, base=None):
+    """README.md in `output`: the Hub's model card, with the held-out figures and the energy on one block."""
+    from .model_card import card_energy, write_model_card
+
+    input_ids = torch.tensor([data.blocks.held_out[0]["input_ids"]])
+    write_model_card(output, model.config, metrics=metrics, energy=card_energy(model, input_ids),
+                     command=options.command, base_model=base,
+                     corpus=f"`{options.corpus}`" if options.corpus else "the bundled Tiny Shakespeare corpus")
 
 
 def train(config_or_model: PretrainedConfig | PreTrainedModel, data: TrainingData, options: TrainingOptions,
@@ -286,6 +307,7 @@ def train(config_or_model: PretrainedConfig | PreTrainedModel, data: TrainingDat
                    "start_eval_bits_per_byte": first["eval_bits_per_byte"], "global_step": trainer.state.global_step,
                    "world_size": training_args.world_size, "resumed_from": checkpoint}
         (output / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_card(output, trainer.model, summary, data, options, base_model(trainer, config_or_model))
         energy = (f"; {metrics['eval_pj_per_token']:.0f} pJ/token, firing rate {metrics['eval_firing_rate']:.3f}"
                   if "eval_pj_per_token" in metrics else "")
         print(f"held-out bits per byte {metrics['eval_bits_per_byte']:.3f} (at the start "

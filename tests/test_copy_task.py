@@ -3,9 +3,10 @@
 16 random tokens from a vocabulary of 16, then the same 16 again. The repeated half is predictable only
 through attention (an induction pattern: with token shift, a key carries the previous token, so the current
 token finds where it occurred and reads out what followed it). Chance is 1/16.
-"""
 
-import time
+The model trains a fixed number of steps on seeded batches, so the test does the same work on any machine
+(with this seed it reaches about 0.50 at 600 steps; another batch seed, 0.46).
+"""
 
 import torch
 
@@ -13,8 +14,7 @@ from spikelm import SpikeLMForCausalLM
 from conftest import tiny_config
 
 VOCAB, HALF = 16, 16
-TIME_LIMIT_S = 170  # the issue allows 3 minutes on 2 cores
-TARGET = 0.5  # stop once reached; the test asks for 0.4
+STEPS = 600
 
 
 def copy_batch(size, generator=None):
@@ -36,25 +36,18 @@ def test_attention_learns_to_copy_and_zeroing_it_falls_to_chance():
     model = SpikeLMForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     held_out = copy_batch(512, torch.Generator().manual_seed(1))
-    start, step, accuracy = time.monotonic(), 0, 0.0
-    while time.monotonic() - start < TIME_LIMIT_S:
-        batch = copy_batch(32)
+    batches = torch.Generator().manual_seed(0)
+    for _ in range(STEPS):
+        batch = copy_batch(32, batches)
         loss = model(batch, labels=batch).loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        step += 1
-        if step % 100 == 0:
-            model.eval()
-            accuracy = repeated_half_accuracy(model, held_out)
-            model.train()
-            if accuracy >= TARGET:
-                break
     model.eval()
     accuracy = repeated_half_accuracy(model, held_out)
-    print(f"copy task: {accuracy:.3f} after {step} steps, {time.monotonic() - start:.0f} s")
-    assert accuracy >= 0.4, f"accuracy {accuracy:.3f} after {step} steps"
+    print(f"copy task: {accuracy:.3f} after {STEPS} steps")
+    assert accuracy >= 0.4, f"accuracy {accuracy:.3f} after {STEPS} steps"
 
     # the attention branch zeroed: the model can no longer see the first half
     for block in model.model.layers:

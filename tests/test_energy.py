@@ -4,7 +4,11 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from spikelm import SpikeLMForCausalLM, count_energy, energy_report, gpt2_reference_counts
-from spikelm.energy import norm_ops, neuron_ops, ssa_ops
+from spikelm.energy import (EnergyCounts, Prices, ann_twin_reference_counts, count_inference, head_average_traffic,
+                            kv_cache_traffic, neuron_ops, neuron_state_traffic, norm_ops, sdsa_ops,
+                            ssa_ops, attention_state_traffic, summarise, token_shift_traffic,
+                            weight_reads_dense, weight_reads_on_spikes)
+from spikelm.modeling_spikelm import SpikingNeuron
 from conftest import tiny_config
 
 
@@ -51,17 +55,31 @@ def test_counts_equal_hand_computed_values():
     # head neuron: 4 neurons x 2 steps x 2 tokens = 16 steps, 4 spikes
     assert rows[("head", "neurons")]["ac"] * tokens == 16 + 4
     assert rows[("head", "neurons")]["mac"] * tokens == 16
-    # norms: LayerNorm on 4 vectors (2 steps x 2 tokens) each: 2D+1 = 9 ACs, 3D+3 = 15 MACs per vector
+    # norms: LayerNorm on 4 vectors (2 steps x 2 tokens) each: 2D+1 = 9 ACs, 3D+2 MACs + an rsqrt of 7 MACs
+    # (Newton-Raphson) = 21 MACs per vector
     assert rows[("layers.0", "norms")]["ac"] * tokens == 2 * 4 * 9
-    assert rows[("layers.0", "norms")]["mac"] * tokens == 2 * 4 * 15
-    assert rows[("head", "norms")]["ac"] * tokens == 4 * 9 and rows[("head", "norms")]["mac"] * tokens == 4 * 15
+    assert rows[("layers.0", "norms")]["mac"] * tokens == 2 * 4 * 21
+    assert rows[("head", "norms")]["ac"] * tokens == 4 * 9 and rows[("head", "norms")]["mac"] * tokens == 4 * 21
     # attention: 4 (k, v) pairs (one per step and token) + 4 q spikes x d=4 read-out adds;
-    # per token: T*H*d*d = 32 decay MACs, 1 for z, 1 for scale/z, T*H*d = 8 read-out scalings
+    # per token: T*H*d*d = 32 decay MACs, 1 for z, 4 for 1/z (Newton-Raphson) and 1 for scale * (1/z),
+    # T*H*d = 8 read-out scalings
     assert rows[("layers.0", "attention")]["ac"] * tokens == 4 + 16
-    assert rows[("layers.0", "attention")]["mac"] * tokens == 2 * (32 + 1 + 1 + 8)
+    assert rows[("layers.0", "attention")]["mac"] * tokens == 2 * (32 + 1 + 4 + 1 + 8)
     assert report["ac_per_token"] * tokens == 436
-    assert report["mac_per_token"] * tokens == 414
-    assert report["pj_per_token"] == pytest.approx((0.9 * 436 + 4.6 * 414) / 2, rel=1e-12)
+    assert report["mac_per_token"] * tokens == 128 + 2 * 4 * 21 + 16 + 4 * 21 + 2 * 46 + 3 * 2  # 494
+    assert report["mac_per_token"] * tokens == 494
+    assert report["pj_per_token"] == pytest.approx((0.9 * 436 + 4.6 * 494) / 2, rel=1e-12)
+    # memory, in values. Weight reads: one column per input spike, as the ACs: 16 + 48 + 32 in layer 0, 12 in
+    # the head. Neuron state: each membrane read and written once per step: 128 + 16 neuron-steps. Attention
+    # state: T*H*d*d + H = 33 values per token, read and written; the head's running logits: (T-1) * V = 3 per
+    # logit, read and written. Token shift: T*D = 8 one-bit spikes per token, read and written.
+    assert report["weight_reads_per_token"] * tokens == 16 + 48 + 32 + 12
+    assert report["state_reads_per_token"] * tokens == 144 + 66 + 6
+    assert report["state_writes_per_token"] * tokens == 144 + 66 + 6
+    assert report["spike_reads_per_token"] * tokens == 16 and report["spike_writes_per_token"] * tokens == 16
+    # fp32 in an 8 KiB SRAM: 10 pJ per 64 bits, so 5 pJ per 32-bit value and 10/64 pJ per spike
+    assert report["memory_pj_per_token"] * tokens == pytest.approx((108 + 216 + 216) * 5 + 32 * 10 / 64, rel=1e-12)
+    assert report["total_pj_per_token"] == pytest.approx(report["pj_per_token"] + report["memory_pj_per_token"])
     assert report["spikes_per_token"] * tokens == 20 + 4
     assert report["firing_rate_per_layer"]["layers.0"] == 20 / 128
     assert report["firing_rate_per_layer"]["head"] == 4 / 16
@@ -81,16 +99,112 @@ def test_gated_decay_adds_its_gate_and_nothing_else():
     tokens = 2
     assert gated_rows[("layers.0", "weights")]["ac"] * tokens == fixed_rows[("layers.0", "weights")]["ac"] * tokens + 4
     assert gated_rows[("layers.0", "attention")]["ac"] * tokens == 4 + 16 + tokens * 3
-    assert gated_rows[("layers.0", "attention")]["mac"] * tokens == 2 * (32 + 1 + 1 + 8) + tokens * 3
+    # the fixed decay's 46 MACs a token (1/z by Newton-Raphson: 4 MACs, see test_counts_equal_hand_computed_values)
+    assert gated_rows[("layers.0", "attention")]["mac"] * tokens == 2 * (32 + 1 + 4 + 1 + 8) + tokens * 3
     assert gated["ac_per_token"] * tokens == 436 + 4 + 6
-    assert gated["mac_per_token"] * tokens == 414 + 6
+    assert gated["mac_per_token"] * tokens == 494 + 6  # 494: the fixed model's MACs (test_counts_...)
 
 
 def test_rules():
     assert neuron_ops(10, 4, 7, leak_is_one=False, reset="soft") == (47, 40)
     assert neuron_ops(10, 4, 7, leak_is_one=True, reset="hard") == (80, 0)
-    assert norm_ops("rmsnorm", 8, 3) == (3, 78)
-    assert ssa_ops(2, 1, 4, 1, kv_pairs=5, q_spikes=2) == (13, 32 + 2 + 8)
+    # rmsnorm, D=8: squares 8, scaling 1, rsqrt 7, normalise 8, gain 8 = 32 MACs and 1 AC per vector
+    assert norm_ops("rmsnorm", 8, 3) == (3, 3 * 32)
+    # layernorm, D=8: 17 ACs; squares 8, mean and variance scaling 2, rsqrt 7, normalise 8, affine 8 = 33 MACs
+    assert norm_ops("layernorm", 8, 1) == (17, 33)
+    # decay 2*1*4*4 = 32, z 1, 1/z 4, scale * (1/z) 1, read-out scaling 2*1*4 = 8
+    assert ssa_ops(2, 1, 4, 1, kv_pairs=5, q_spikes=2) == (13, 32 + 1 + 4 + 1 + 8)
+    # T=2, H=2, D=8, 1 token: decay 16, z 2, 1/z 2*4, S/z 16; 3 coincidences + q masks 16
+    assert sdsa_ops(2, 2, 8, 1, coincidences=3) == (19, 16 + 2 + 8 + 16)
+
+
+def test_memory_rules():
+    assert weight_reads_on_spikes(5, 3) == 15  # three input spikes fetch three columns of 5
+    assert weight_reads_dense(4, 3, 2) == 24  # two input vectors fetch all 12 weights each
+    assert neuron_state_traffic(10) == (10, 10)
+    # ssa, T=2, H=2, d=4: S is 2*2*16 values, read and written each token, with the 2 decay sums; 3 tokens
+    assert attention_state_traffic(2 * 2 * 16, 2, 3) == (3 * (2 * 2 * 16 + 2),) * 2
+    assert attention_state_traffic(2 * 8, 2, 3) == (3 * (2 * 8 + 2),) * 2  # sdsa, T=2, D=8
+    assert token_shift_traffic(2, 8, 3) == (48, 48)
+    assert head_average_traffic(4, 10, 2) == (60, 60)  # steps 2..4 read and write 10 running logits, 2 positions
+    assert head_average_traffic(1, 10, 2) == (0, 0)
+    # 3 tokens at positions 4, 5, 6 (context 15), D=8, 2 layers: reads 2*8 per position, writes 2*8 per token
+    assert kv_cache_traffic(8, 2, 3, 15) == (2 * 8 * 2 * 15, 2 * 8 * 2 * 3)
+
+
+def test_prices():
+    assert (Prices().e_ac, Prices().e_mac, Prices().bits) == (0.9, 4.6, 32)
+    assert (Prices("bf16").e_ac, Prices("bf16").e_mac, Prices("bf16").bits) == (0.4, 1.5, 16)
+    assert (Prices("int8").e_ac, Prices("int8").e_mac, Prices("int8").bits) == (0.03, 0.23, 8)
+    counts = EnergyCounts(ac=10, mac=2, weight_reads=64, state_reads=2, state_writes=2, spike_reads=64)
+    assert Prices().compute_pj(counts) == pytest.approx(9 + 9.2)
+    # (64 + 2) fp32 values read, 2 written, at 10 pJ per 64 bits = 5 pJ a value; 64 spikes read = 64 bits: 10 pJ
+    assert Prices().memory_pj(counts) == pytest.approx(66 * 5 + 2 * 5 + 10)
+    assert Prices("int8").memory_pj(counts) == pytest.approx(68 * 1.25 + 10)
+    dram = Prices("fp32", read_pj_per_64_bits=2000.0, write_pj_per_64_bits=2000.0)
+    assert dram.memory_pj(counts) == pytest.approx(200 * Prices().memory_pj(counts))
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Prices("fp8")
+    with pytest.raises(ValueError, match="non-negative"):
+        Prices(e_ac=-1.0)
+
+
+def test_gpt2_reference_rules_on_a_hand_computed_case():
+    config = tiny_config("ssa", vocab_size=3, hidden_size=4, num_hidden_layers=1, num_attention_heads=1,
+                         intermediate_size=8)
+    # 3 tokens, logits at the last one only: weights 3 * (4*16 + 2*4*8) = 384, attention 2*4 * (1+2+3) = 48,
+    # head 1 * 3*4 = 12; 3 layernorms per token (2 per layer and the last): 9 ACs, 21 MACs each; 2*4 residual
+    # adds per token
+    reference = gpt2_reference_counts(config, 3, logits=1)
+    assert (reference["weights"], reference["attention"], reference["head"]) == (384, 48, 12)
+    counts = reference["counts"]
+    assert counts.mac == 384 + 48 + 12 + 3 * 3 * 21 and reference["total"] == counts.mac
+    assert counts.ac == 3 * 3 * 9 + 3 * 8
+    assert counts.weight_reads == 384 + 12  # dense: every weight for each token, the head for its logit
+    assert (counts.state_reads, counts.state_writes) == (2 * 4 * 6, 2 * 4 * 3)  # the KV cache
+    # the same tokens as positions 3, 4, 5 of a longer sequence: only the attention and the cache reads grow
+    later = gpt2_reference_counts(config, 3, logits=1, context=3 + 4 + 5)
+    assert later["attention"] == 2 * 4 * 12 and later["counts"].state_reads == 2 * 4 * 12
+
+
+def test_ann_twin_reference_rules_on_a_hand_computed_case():
+    config = tiny_config("ssa", vocab_size=3, hidden_size=4, num_hidden_layers=1, num_attention_heads=1,
+                         intermediate_size=8)
+    counts = ann_twin_reference_counts(config, tokens=2, logits=1)
+    # per token: weights q 16 + kv (8 in, token shift) 8*8 + o 16 + MLP 2*4*8 = 160 MACs;
+    # attention: 3 * 16 (decay, k v^T, q S) + 1 (z) + 4 (1/z) + 1 (scale) + 4 (read-out scaling) = 58 MACs;
+    # 3 layernorms: 21 MACs and 9 ACs each; ReLU comparisons: 4 + 4*4 + 4 + 8 + 4 (output) = 36 ACs;
+    # residual adds 2 * 4; head 3 * 4 MACs for the one logit
+    assert counts.mac == 2 * (160 + 58 + 63) + 12
+    assert counts.ac == 2 * (36 + 27 + 8)
+    assert counts.weight_reads == 2 * 160 + 12
+    # attention state 16 + z 1, token shift 4 real values: read and written each token
+    assert (counts.state_reads, counts.state_writes) == (2 * 21, 2 * 21)
+    sdsa = ann_twin_reference_counts(tiny_config("sdsa", vocab_size=3, hidden_size=4, num_hidden_layers=1,
+                                                 num_attention_heads=1, intermediate_size=8), tokens=1)
+    # sdsa: 2*4 (decay, k*v) + 1 (z) + 4 (1/z) + 4 (S/z) + 4 (q times the read-out) = 21 attention MACs
+    assert sdsa.mac == 160 + 21 + 63 + 12
+    assert (sdsa.state_reads, sdsa.state_writes) == (4 + 1 + 4, 4 + 1 + 4)
+
+
+def test_summary_prices_each_reference_at_its_precision():
+    config = tiny_config("ssa")
+    counts = EnergyCounts(ac=1000, mac=100, weight_reads=500, state_reads=300, state_writes=300, spike_reads=64,
+                          spike_writes=64, tokens=4, logits=4, context=10)
+    summary = summarise(counts, config, Prices("bf16"))
+    mine, refs = summary["spikelm"], summary["references"]
+    assert mine["compute_pj"] == pytest.approx((0.4 * 1000 + 1.5 * 100) / 4)
+    assert mine["memory_pj"] == pytest.approx(((500 + 300 + 300) * 16 * 10 / 64 + 128 * 10 / 64) / 4)
+    assert mine["total_pj"] == pytest.approx(mine["compute_pj"] + mine["memory_pj"])
+    gpt2 = gpt2_reference_counts(config, 4, logits=4, context=10)["counts"]
+    assert refs["gpt2_fp32"]["compute_pj"] == pytest.approx(Prices("fp32").compute_pj(gpt2) / 4)
+    assert refs["gpt2_int8"]["memory_pj"] == pytest.approx(Prices("int8").memory_pj(gpt2) / 4)
+    assert refs["ann_twin"]["precision"] == "bf16"  # the twin is priced at the report's precision
+    for figures in refs.values():
+        assert figures["total_ratio"] == pytest.approx(mine["total_pj"] / figures["total_pj"])
+        assert figures["mac"] > 0 and figures["weight_reads"] > 0
+    assert set(mine["by_precision"]) == {"fp32", "bf16", "int8"}
+    assert mine["by_precision"]["int8"]["total_pj"] < mine["by_precision"]["fp32"]["total_pj"]
 
 
 @pytest.mark.parametrize("kind", ["ssa", "sdsa"])
@@ -99,7 +213,9 @@ def test_weight_acs_equal_an_independent_recount_from_hooks(kind):
     recount = []
 
     def hook(module, inputs, output):
-        recount.append(module.out_features * int((inputs[0] == 1).sum()))
+        # a spike-fed matrix: its 1s; the head, fed per-token spike counts: the spikes they count
+        spikes = inputs[0].sum() if module is model.lm_head else (inputs[0] == 1).sum()
+        recount.append(module.out_features * int(spikes))
 
     for m in model.modules():
         if isinstance(m, nn.Linear):
@@ -148,3 +264,70 @@ def test_counters_run_during_generation_and_switch_off():
     assert report["pj_per_token"] > 0 and report["spikes_per_token"] > 0
     assert all(m.counter is None for m in model.modules() if hasattr(m, "counter"))
     assert not any(m._forward_hooks for m in model.modules())
+
+
+def _gpt2_macs_by_hand(config, tokens, logits, context):
+    """The same-shape GPT-2's MACs, written out: weights, attention products, head, layernorms."""
+    D, L, V, inner = config.hidden_size, config.num_hidden_layers, config.vocab_size, config.intermediate_size
+    return (tokens * L * (4 * D * D + 2 * D * inner) + L * 2 * D * context + logits * V * D
+            + tokens * (2 * L + 1) * (3 * D + 2 + 7))
+
+
+def test_reference_charges_the_head_only_for_the_logits_generate_computes(char_tokenizer):
+    """Defect 1: generate() prefills with logits_to_keep=1, so spikelm computes its head for the last prompt
+    token only; the reference must not charge GPT-2's head for every prompt token."""
+    from spikelm.generation import generate_with_energy
+
+    config = tiny_config("ssa", vocab_size=len(char_tokenizer))
+    model = SpikeLMForCausalLM(config).eval()
+    prompt = "To be, or not to be, that is the question:"
+    prompt_tokens = len(char_tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    _, report = generate_with_energy(model, char_tokenizer, prompt, max_new_tokens=6, greedy=True)
+    tokens = report["tokens"]  # the prompt, then one forward per new token but the last
+    new = tokens - prompt_tokens + 1
+    assert 1 <= new <= 6
+    expected = _gpt2_macs_by_hand(config, tokens, logits=new, context=tokens * (tokens + 1) // 2)
+    assert report["ann_mac_per_token"] * tokens == pytest.approx(expected, rel=1e-12)
+    head_for_every_token = (tokens - new) * config.vocab_size * config.hidden_size
+    assert report["ann_mac_per_token"] * tokens < expected + head_for_every_token  # what main charged
+
+
+def test_reference_counts_each_padded_row_at_its_real_length():
+    """Defect 2: a padded batch's reference covers each row's real tokens, not B x N positions."""
+    config = tiny_config("sdsa")
+    model = SpikeLMForCausalLM(config).eval()
+    ids = torch.randint(3, 48, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :8] = 0  # row 1: 8 pads on the left, 4 real tokens
+    report = energy_report(model, ids, attention_mask=mask)
+    assert report["tokens"] == 12 + 4
+    expected = sum(_gpt2_macs_by_hand(config, n, logits=n, context=n * (n + 1) // 2) for n in (12, 4))
+    assert report["ann_mac_per_token"] * report["tokens"] == pytest.approx(expected, rel=1e-12)
+    # each row on its own gives the same reference
+    alone = [energy_report(model, ids[:1]), energy_report(model, ids[1:, 8:])]
+    assert sum(r["ann_mac_per_token"] * r["tokens"] for r in alone) == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["ssa", "sdsa"])
+def test_memory_traffic_equals_an_independent_recount_from_hooks_and_the_state(kind):
+    config = tiny_config(kind)
+    model = SpikeLMForCausalLM(config).eval()
+    weight_reads, neuron_steps = [], []
+    handles = [m.register_forward_hook(lambda m, i, o: weight_reads.append(m.out_features * int((i[0] == 1).sum())))
+               for m in model.modules() if isinstance(m, nn.Linear)]
+    handles += [m.register_forward_hook(lambda m, i, o: neuron_steps.append(o.numel()))
+                for m in model.modules() if isinstance(m, SpikingNeuron)]
+    B, N = 2, 9
+    with count_inference(model) as counter:
+        output = model(input_ids=torch.randint(0, 48, (B, N)), use_cache=True, logits_to_keep=1)
+    for handle in handles:
+        handle.remove()
+    total = counter.total()
+    assert total.weight_reads == sum(weight_reads) > 0
+    # per token and layer the recurrent form reads and writes the whole state it leaves behind (all B rows)
+    state = sum(layer.attention_state.numel() + layer.decay_sum.numel() for layer in output.cache.layers) * N
+    head = (config.time_steps - 1) * config.vocab_size * B  # the running logits of the kept position
+    assert total.state_reads == total.state_writes == sum(neuron_steps) + state + head
+    shift = sum(layer.previous_spikes.numel() for layer in output.cache.layers) * N  # [T, B, D] per token
+    assert total.spike_reads == total.spike_writes == shift
+    assert (total.tokens, total.logits, total.context) == (B * N, B, B * N * (N + 1) // 2)

@@ -22,6 +22,13 @@ def test_generate_prints_text_and_energy_per_token(model_dir):
     assert energy, run.stdout
     pj, ac, mac, rate, gpt2 = (float(x) for x in energy.groups())
     assert pj == pytest.approx(0.9 * ac + 4.6 * mac, rel=0.01) and pj > 0 and 0 < rate < 1 and gpt2 > 0
+    memory = re.search(r"spikelm fp32 (\d+) \+ (\d+) = (\d+); same-shape GPT-2, fp32 (\d+) \+ (\d+) = (\d+) "
+                       r"\((\d+) ACs \+ (\d+) MACs\); same-shape GPT-2, int8 \d+ \+ \d+ = \d+ .*; ANN twin fp32 ",
+                       run.stdout)
+    assert memory, run.stdout
+    compute, mem, total, gpt2_compute, gpt2_mem, gpt2_total, _, _ = (int(x) for x in memory.groups())
+    assert compute == pytest.approx(pj, abs=1) and mem > 0 and total == pytest.approx(compute + mem, abs=1)
+    assert gpt2_compute == pytest.approx(gpt2, abs=1) and gpt2_total == pytest.approx(gpt2_compute + gpt2_mem, abs=1)
 
 
 def test_generate_json_counts_every_token(model_dir):

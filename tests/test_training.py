@@ -73,6 +73,11 @@ def test_train_writes_a_loadable_directory(trained):
     assert summary["eval_pj_per_token"] > 0 and 0 < summary["eval_firing_rate"] < 1
     ids = tokenizer("ROMEO:", return_tensors="pt")["input_ids"]
     assert model.generate(ids, max_new_tokens=5, do_sample=False).shape == (1, ids.shape[1] + 5)
+    # the model card: the Hub's front matter, this run's figures and command
+    card = (trained / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    assert f"bits per byte: {summary['eval_bits_per_byte']:.4f}" in card and "--max-steps 40" in card
+    assert "Ratio to GPT-2" in card and "trust_remote_code=True" in card
 
 
 def _second_corpus(path):

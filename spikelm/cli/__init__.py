@@ -8,6 +8,7 @@ A SpikeLMError (bad input) is printed as one line that says what is wrong and wh
 
 import argparse
 import importlib
+import shlex
 import sys
 
 from ..errors import SpikeLMError
@@ -47,6 +48,7 @@ def main(argv=None) -> int:
     if command is None:
         parser.print_help()
         return 2
+    args.command_line = shlex.join(["spikelm", *argv])  # what made a model, for its card
     try:
         return command_module(command).run(args) or 0
     except SpikeLMError as error:

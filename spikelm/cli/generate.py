@@ -9,7 +9,9 @@ from ..errors import SpikeLMError
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", required=True, help="a directory written by `spikelm train` (or save_pretrained)")
+    parser.add_argument("--model", required=True, help="a directory written by `spikelm train` (or save_pretrained), "
+                                                       "or a hub id")
+    parser.add_argument("--revision", default=None, help="branch, tag or commit of a hub id")
     parser.add_argument("--prompt", default="", help="text to continue (default: start from nothing)")
     parser.add_argument("--max-new-tokens", type=int, default=100)
     parser.add_argument("--temperature", type=float, default=0.8)
@@ -23,7 +25,7 @@ def add_arguments(parser):
 def run(args) -> int:
     from ..loading import load_model_and_tokenizer, require_saved_model
 
-    require_saved_model(args.model)
+    require_saved_model(args.model, revision=args.revision)
     if args.max_new_tokens < 1:
         raise SpikeLMError(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
     from transformers import set_seed
@@ -31,14 +33,14 @@ def run(args) -> int:
     from ..generation import generate_with_energy
 
     set_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model)
+    model, tokenizer = load_model_and_tokenizer(args.model, revision=args.revision)
     text, report = generate_with_energy(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature,
                                         args.top_k, args.top_p, args.greedy)
     if args.json:
         print(json.dumps({"text": text, "energy": {k: v for k, v in report.items() if k != "rows"}}))
         return 0
     print(text)
-    print(f"\nenergy: {report['pj_per_token']:.0f} pJ/token ({report['ac_per_token']:.0f} ACs + "
-          f"{report['mac_per_token']:.0f} MACs per token, firing rate {report['firing_rate']:.3f}); "
-          f"same-shape GPT-2: {report['ann_pj_per_token']:.0f} pJ/token (x{report['energy_ratio']:.2f})")
+    from ..reporting import energy_summary_lines
+
+    print("\n" + energy_summary_lines(report))
     return 0

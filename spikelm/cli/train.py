@@ -27,7 +27,8 @@ def add_arguments(parser):
     model = parser.add_argument_group("model")
     model.add_argument("--output", required=True, help="directory for checkpoints and the final model")
     model.add_argument("--preset", default=None, help=f"model size: {', '.join(PRESETS)} (default {DEFAULT_PRESET})")
-    model.add_argument("--model", default=None, help="fine-tune this saved spikelm directory instead")
+    model.add_argument("--model", default=None, help="fine-tune this saved model instead (a directory or hub id)")
+    model.add_argument("--revision", default=None, help="branch, tag or commit of a hub id given to --model")
     model.add_argument("--tokenizer", default=None,
                        help="tokenizer directory (default: the model's, the output dir's, or a new one)")
     model.add_argument("--vocab-size", type=int, default=None, help="size of a newly trained tokenizer "
@@ -37,8 +38,14 @@ def add_arguments(parser):
                             "by the same pipeline (the ANN reference and default distillation teacher)")
     model.add_argument("--attention-type", choices=("ssa", "sdsa"), default=None)
     model.add_argument("--compile-neurons", action="store_true",
-                       help="fuse the neuron loops with torch.compile (faster steps after a one-off compilation)")
+                       help="compiled neuron kernels at every size (by default only where they pay)")
     model.add_argument("--time-steps", type=int, default=None)
+    model.add_argument("--spike-rate-target", type=float, default=None,
+                       help="penalise neuron populations firing above this rate (spikes per neuron and step): "
+                            "less energy per token for some accuracy; the rates are logged per layer")
+    model.add_argument("--spike-rate-weight", type=float, default=10.0, help="the firing-rate penalty's weight")
+    model.add_argument("--spike-rate-populations", nargs="+", default=None,
+                       help="penalise only neurons whose module name contains one of these (e.g. mlp.hidden_neuron)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--max-steps", type=int, default=None, help="optimiser steps (default: one epoch)")
@@ -66,7 +73,8 @@ def training_options(args, **changes):
 
     from ..training import TrainingOptions
 
-    values = {f.name: getattr(args, f.name) for f in fields(TrainingOptions)}
+    values = {f.name: getattr(args, f.name) for f in fields(TrainingOptions) if f.name != "command"}
+    values["command"] = getattr(args, "command_line", None)
     values.update(changes)
     return TrainingOptions(**values)
 
@@ -89,18 +97,37 @@ def vocab_size(args, preset_name) -> int:
     return args.vocab_size or preset(preset_name)["vocab_size"]
 
 
+def given_tokenizer(args, fallback=None, fallback_revision=None):
+    """--tokenizer, else the fine-tuned model's, else `fallback` (a name); None: prepare_data decides."""
+    from ..loading import load_tokenizer
+
+    if args.tokenizer:
+        return load_tokenizer(args.tokenizer)
+    if args.model:
+        return load_tokenizer(args.model, args.revision)
+    return load_tokenizer(fallback, fallback_revision) if fallback else None
+
+
 def run(args) -> int:
     from ..loading import load_model
     from ..training import build_config, gpt2_config, prepare_data, train
 
     preset_name = check_preset(args)
     options = training_options(args)
-    model = load_model(args.model) if args.model else None  # fine-tuning: the saved weights, config and all
-    data = prepare_data(options, tokenizer=args.tokenizer or args.model, vocab_size=vocab_size(args, preset_name))
+    callbacks = []
+    if args.spike_rate_target is not None:
+        if args.arch == "gpt2":
+            raise SpikeLMError("--spike-rate-target penalises spikes: a GPT-2 has none (drop --arch gpt2)")
+        from ..spike_rate import SpikeRateRegulariser
+
+        callbacks.append(SpikeRateRegulariser(args.spike_rate_target, args.spike_rate_weight,
+                                              args.spike_rate_populations))
+    model = load_model(args.model, revision=args.revision) if args.model else None  # fine-tuning: weights, config
+    data = prepare_data(options, tokenizer=given_tokenizer(args), vocab_size=vocab_size(args, preset_name))
     if model is None and args.arch == "gpt2":
         model = gpt2_config(preset_name, data.tokenizer, args.block_size)
     elif model is None:
         model = build_config(preset_name, data.tokenizer, attention_type=args.attention_type,
                              time_steps=args.time_steps)
-    train(model, data, options)
+    train(model, data, options, callbacks=callbacks)
     return 0

@@ -4,24 +4,29 @@ No web framework here: requests come in as token ids and sampling parameters, an
 text, the energy of the forward pass that made it, and at the end the request's usage) through a callback.
 
 How a request flows:
-    submit() -> a bounded waiting queue -> the engine thread takes it when a slot is free (max_batch),
-    runs its prompt alone (prefill, batch of one), samples the first token, and appends the sequence's
-    recurrent state to the batched cache. Every step then runs ONE forward over the last token of all active
-    sequences (the recurrent form: a fixed-size state per sequence) and samples each row with the sequence's
-    own generator. A finished or cancelled sequence leaves the batch through `batch_select_indices`.
+    submit() -> a bounded waiting queue -> the engine thread gives it a free slot (max_batch), resumes it from
+    the longest cached prefix of its prompt (prefix_cache.py) and prefills the rest in chunks: each step runs
+    ONE batched decode forward over the last token of every active sequence (the recurrent form: a fixed-size
+    state per sequence), then spends what is left of the step's token budget (step_tokens) on prompt chunks,
+    each sequence's chunk in a forward of its own. A long prompt therefore delays the active streams by one
+    chunk per step, never by its whole prefill (the chunked prefill of Sarathi-Serve, Agrawal et al. 2024).
+    A prompt whose last chunk has run samples its first token, leaves a snapshot of its state in the prefix
+    cache (taken one token before its end), and joins the batch. Each row is sampled with the sequence's own generator; a failure while
+    sampling one row fails that sequence alone. A finished or cancelled sequence leaves the batch through
+    `batch_select_indices`.
 
 Determinism. A spike is a threshold: a rounding difference of one ulp can flip it, and a flipped spike changes
 everything after it. Matrix kernels sum in an order that depends on the batch size (a matrix-vector product
-for one row, blocked matrix products for many), so in float32 a sequence's numbers would depend on what else
-is in the batch. The engine therefore runs its copy of the model in float64 (the default `dtype`): every
-weight matrix in spikelm is fed spikes (0 or 1), so each output is a sum of float32 weights, which float64
-holds exactly (24-bit mantissas, well inside 53 bits) whatever the order; norms, neurons and the attention
-update work row by row. A sequence then gets the same numbers alone or in a batch of 32
-(tests/test_serving.py checks it).
+for one row, blocked matrix products for many), so with them a float32 sequence's numbers would depend on what
+else is in the batch. The engine therefore switches its model's spike-fed matrices to the event-driven
+gather-sum (`spikelm.event_driven.set_batch_invariant`): each output row adds the weight rows of its own firing
+inputs one by one, in input order, whatever the other rows are; norms, neurons and the attention update work
+row by row. A sequence then gets the same numbers alone or in a batch of 32, in float32 (the default) or
+float64 (tests/serving/test_app.py checks it).
 
 Energy. spikelm.energy's counter keeps every count per batch row, so a sequence's counts in a batched step
 equal what count_energy counts for that sequence alone (tests/serving/test_engine.py checks it). The prompt is
-counted in its own forward.
+counted in its own forwards (only the tokens that ran: a cached prefix costs nothing).
 """
 
 import collections
@@ -34,7 +39,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..energy import E_AC_PJ, E_MAC_PJ, EnergyCounter, EnergyCounts, count_energy, gpt2_reference_counts
+from ..energy import (E_AC_PJ, E_MAC_PJ, EnergyCounter, EnergyCounts, Prices, count_energy, gpt2_reference_counts,
+                      summarise)
+from ..event_driven import set_batch_invariant
+from .prefix_cache import PrefixStateCache
 
 logger = logging.getLogger("spikelm.serving")
 
@@ -58,10 +66,14 @@ class SamplingParams:
     top_k: int = 0  # 0: no cut
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
 
 def sample_next(logits, params: SamplingParams, generator) -> int:
-    """One token id from logits [V] (float64) with the sequence's own generator."""
+    """One token id from logits [V] with the sequence's own generator."""
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
+        logits = logits.index_add(0, ids, torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype))
     if params.temperature == 0 or params.top_k == 1:
         return int(torch.argmax(logits))
     logits = logits / params.temperature
@@ -129,8 +141,10 @@ class RequestUsage:
     completion_tokens: int
     energy: EnergyCounts  # the whole request: prompt forward + every decode step
     tokens_processed: int  # tokens that went through the model
+    cached_tokens: int  # prompt tokens resumed from the prefix cache (not processed)
     pj: float
     gpt2_pj: float  # the same-shape GPT-2 processing the same tokens (with a KV cache)
+    summary: dict  # spikelm.energy.summarise per generated token: memory traffic, totals, every reference
 
 
 @dataclass
@@ -147,6 +161,7 @@ class SequenceEvent:
     finish_reason: str | None = None  # "stop", "length"; None while generating
     usage: RequestUsage | None = None
     error: str | None = None
+    retryable: bool = False  # the error is the server shutting down, not this request's fault or the model's
 
 
 class Sequence:
@@ -154,8 +169,9 @@ class Sequence:
 
     _ids = itertools.count()
 
-    def __init__(self, prompt_ids, params: SamplingParams, on_event, text_stream: TextStream):
+    def __init__(self, prompt_ids, params: SamplingParams, on_event, text_stream: TextStream, request_id=None):
         self.id = next(self._ids)
+        self.request_id = request_id or f"seq-{self.id}"
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.on_event = on_event
@@ -168,6 +184,13 @@ class Sequence:
         self.cancelled = False
         self.finished = False
         self.submitted_at = time.monotonic()
+        # while its prompt is prefilled: its own cache, how many prompt tokens it holds, where to snapshot
+        self.cache = None
+        self.prefilled = 0
+        self.cached_tokens = 0  # prompt tokens resumed from the prefix cache
+        self.snapshot_at = 0  # a prompt length at which to keep a snapshot (where it parts from a cached key)
+        self.prompt_energy = EnergyCounts()
+        self.prompt_layer_spikes: dict[str, float] = {}  # by layer: firing rate x tokens, summed over chunks
 
     def cancel(self):
         """Called from any thread: the engine drops the sequence at its next step."""
@@ -177,22 +200,43 @@ class Sequence:
 # ================================================================ the engine
 
 
-class Engine:
-    """Runs a model for many concurrent requests; one background thread does all the model work."""
+def _failure(sequence) -> SequenceEvent:
+    """What a client is told when its generation failed inside the engine (the cause is in the server's log)."""
+    return SequenceEvent(error=f"generation failed inside the server (request id {sequence.request_id}); "
+                               "its log has the cause", finish_reason="error")
 
-    def __init__(self, model, tokenizer, max_batch=32, max_queue=64, dtype=torch.float64, threads=None,
-                 e_ac_pj=E_AC_PJ, e_mac_pj=E_MAC_PJ):
+
+class Engine:
+    """Runs a model for many concurrent requests; one background thread does all the model work.
+
+    step_tokens: the tokens one step may process while sequences decode: one per decoding sequence, the rest
+    for prompt chunks (at least `min_prefill_chunk` whenever a prompt waits, so that prompts progress under a
+    full batch). With nothing decoding, prompts run in chunks of up to `idle_prefill_tokens`.
+    prefix_cache_bytes: the budget of the prefix-state cache (0: no cache).
+    """
+
+    def __init__(self, model, tokenizer, max_batch=32, max_queue=64, dtype=torch.float32, threads=None,
+                 e_ac_pj=E_AC_PJ, e_mac_pj=E_MAC_PJ, step_tokens=64, min_prefill_chunk=16,
+                 idle_prefill_tokens=2048, prefix_cache_bytes=64 * 2**20):
         self.model = model.to(dtype).eval()
+        set_batch_invariant(self.model)  # per-row sums in a fixed order: batch neighbours change nothing
         self.tokenizer = tokenizer
         self.config = model.config
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.threads = threads
+        self.step_tokens = step_tokens
+        self.min_prefill_chunk = min_prefill_chunk
+        self.idle_prefill_tokens = max(idle_prefill_tokens, step_tokens)
         self.e_ac_pj, self.e_mac_pj = e_ac_pj, e_mac_pj
+        self.prices = Prices(e_ac=e_ac_pj, e_mac=e_mac_pj)  # fp32 memory prices (spikelm.energy)
         eos = {tokenizer.eos_token_id, *(self.config.eos_token_id if isinstance(self.config.eos_token_id, list)
                                          else [self.config.eos_token_id])}
         self.eos_ids = {i for i in eos if i is not None}
+        self.prefix_cache = (PrefixStateCache(prefix_cache_bytes, lambda cache: cache.state_size_bytes())
+                             if prefix_cache_bytes > 0 else None)
         self._waiting: collections.deque[Sequence] = collections.deque()
+        self._prefilling: list[Sequence] = []  # holding a slot while their prompt runs, oldest first
         self._active: list[Sequence] = []
         self._cache = None  # the batched recurrent state of self._active, row i = self._active[i]
         self._wakeup = threading.Condition()
@@ -200,8 +244,10 @@ class Engine:
         self._thread = None
         # figures for /metrics
         self.steps = 0
+        self.prefill_chunks = 0
         self.last_batch_size = 0
         self.cancelled_total = 0
+        self.failed_total = 0
 
     # ---------------------------------------------------------------- any thread
     def start(self):
@@ -209,19 +255,21 @@ class Engine:
         self._thread.start()
 
     def stop(self, timeout=10.0):
+        """Stop after the current step; every sequence still in the engine gets a shutdown error event."""
         with self._wakeup:
             self._stopping = True
             self._wakeup.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def submit(self, prompt_ids, params: SamplingParams, on_event) -> Sequence:
+    def submit(self, prompt_ids, params: SamplingParams, on_event, request_id=None) -> Sequence:
         """Queue a request; raises EngineBusy when every slot and the queue are taken."""
-        sequence = Sequence(prompt_ids, params, on_event, TextStream(self.tokenizer, params.stop))
+        sequence = Sequence(prompt_ids, params, on_event, TextStream(self.tokenizer, params.stop), request_id)
         with self._wakeup:
             if self._stopping:
                 raise EngineStopped("the server is shutting down")
-            if len(self._active) + len(self._waiting) >= self.max_batch + self.max_queue:
+            # a sequence being prefilled holds a slot too: the bound counts it
+            if self.slots_taken + len(self._waiting) >= self.max_batch + self.max_queue:
                 raise EngineBusy(f"all {self.max_batch} slots and {self.max_queue} queue places are taken")
             self._waiting.append(sequence)
             self._wakeup.notify_all()
@@ -236,8 +284,16 @@ class Engine:
             self._wakeup.notify_all()
 
     @property
+    def slots_taken(self) -> int:
+        return len(self._active) + len(self._prefilling)
+
+    @property
     def active_count(self) -> int:
         return len(self._active)
+
+    @property
+    def prefilling_count(self) -> int:
+        return len(self._prefilling)
 
     @property
     def waiting_count(self) -> int:
@@ -254,56 +310,114 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._wakeup:
-                    while not self._stopping and not self._waiting and not self._active:
+                    while not self._stopping and not self._waiting and not self.slots_taken:
                         self._wakeup.wait()
                     if self._stopping:
                         break
-                try:
-                    self._drop_cancelled()
-                    self._admit()
-                    if self._active:
+                self._drop_cancelled()
+                self._admit()
+                if self._active:
+                    try:
                         self._decode_step()
-                except Exception as error:  # never let one bad step stop the engine: fail its sequences
-                    logger.exception("engine step failed")
-                    for sequence in self._active:
-                        self._emit(sequence, SequenceEvent(error=f"generation failed: {error}",
-                                                           finish_reason="error"))
-                    self._active, self._cache = [], None
-        for sequence in list(self._active) + list(self._waiting):
-            self._emit(sequence, SequenceEvent(error="the server is shutting down", finish_reason="error"))
+                    except Exception:  # the batched forward itself failed: its sequences fail, the engine lives
+                        logger.exception("decode step failed for requests %s",
+                                         [s.request_id for s in self._active])
+                        for sequence in self._active:
+                            self._fail(sequence)
+                        self._active, self._cache = [], None
+                # the budget protects decoding streams; with none, a prompt runs in chunks as large as the idle budget
+                budget = self.step_tokens - len(self._active) if self._active else self.idle_prefill_tokens
+                self._prefill_step(max(budget, self.min_prefill_chunk))
+        with self._wakeup:
+            left = self._active + self._prefilling + list(self._waiting)
+            self._active, self._prefilling, self._cache = [], [], None
+            self._waiting.clear()
+        for sequence in left:
+            self._emit(sequence, SequenceEvent(error="the server is shutting down: retry later",
+                                               finish_reason="error", retryable=True))
 
     def _admit(self):
-        """Move waiting sequences into free slots: prefill each alone, sample its first token."""
-        while len(self._active) < self.max_batch:
+        """Give free slots to waiting sequences, each resumed from the longest cached prefix of its prompt."""
+        while self.slots_taken < self.max_batch:
             with self._wakeup:
                 if not self._waiting:
                     return
                 sequence = self._waiting.popleft()
-            if sequence.cancelled:
-                self.cancelled_total += 1
-                continue
-            try:
-                cache = self._prefill(sequence)
-            except Exception as error:  # a bad request must not take the engine down
-                logger.exception("prefill failed")
-                self._emit(sequence, SequenceEvent(error=f"generation failed: {error}", finish_reason="error"))
-                continue
-            if cache is not None:
-                self._cache = cache if self._cache is None else self._cache.append_rows(cache)
-                self._active.append(sequence)
+                if sequence.cancelled:
+                    self.cancelled_total += 1
+                    continue
+                self._prefilling.append(sequence)  # holds its slot from here (the queue bound counts it)
+            if self.prefix_cache is not None:
+                # at least the last prompt token runs: its logits give the first generated token
+                match = self.prefix_cache.lookup(sequence.prompt_ids, limit=len(sequence.prompt_ids) - 1)
+                if match.state is not None:
+                    sequence.cache, sequence.prefilled = match.state, match.length
+                    sequence.cached_tokens = match.length
+                if match.length < match.shared < len(sequence.prompt_ids):
+                    sequence.snapshot_at = match.shared  # the next prompt with this start resumes here
 
-    def _prefill(self, sequence):
-        ids = torch.tensor([sequence.prompt_ids], dtype=torch.long)
-        with count_energy(self.model) as counter:
-            output = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        sequence.tokens_processed += ids.shape[1]
-        finished = self._accept(sequence, output.logits[0, -1], counter.row(0), counter.row_firing_rate_per_layer(0))
-        return None if finished else output.cache
+    def _prefill_step(self, budget: int):
+        """Run prompt chunks, oldest prompt first, until `budget` tokens have run."""
+        for sequence in list(self._prefilling):
+            if budget <= 0:
+                return
+            remaining = len(sequence.prompt_ids) - sequence.prefilled
+            chunk = min(remaining, budget)
+            snapshots = [at for at in self._snapshot_points(sequence) if at > sequence.prefilled]
+            if snapshots:  # end the chunk where a snapshot is wanted
+                chunk = min(chunk, min(snapshots) - sequence.prefilled)
+            budget -= chunk
+            try:
+                logits = self._prefill_chunk(sequence, chunk)
+            except Exception:  # a bad request must not take the engine down
+                logger.exception("prefill failed for request %s", sequence.request_id)
+                self._prefilling.remove(sequence)
+                self._fail(sequence)
+                continue
+            if logits is None:
+                continue
+            # the prompt's firing rate by layer over its chunks (each layer's neuron steps grow with the tokens)
+            rates = {layer: spikes / sequence.tokens_processed for layer, spikes in sequence.prompt_layer_spikes.items()}
+            finished = self._accept(sequence, logits, sequence.prompt_energy, rates)
+            with self._wakeup:  # from prefilling to active in one move: submit() never sees the slot free
+                self._prefilling.remove(sequence)
+                if not finished:
+                    self._cache = sequence.cache if self._cache is None else self._cache.append_rows(sequence.cache)
+                    self._active.append(sequence)
+            sequence.cache = None
+
+    def _prefill_chunk(self, sequence, chunk: int):
+        """Run the next `chunk` prompt tokens of `sequence`; returns the last token's logits once the prompt
+        is done, else None."""
+        start = sequence.prefilled
+        ids = torch.tensor([sequence.prompt_ids[start:start + chunk]], dtype=torch.long)
+        counter = EnergyCounter(positions=[start])  # a resumed prompt continues at its cached length
+        with count_energy(self.model, counter):
+            output = self.model(input_ids=ids, cache=sequence.cache, use_cache=True, logits_to_keep=1)
+        sequence.cache = output.cache
+        sequence.prefilled += chunk
+        sequence.tokens_processed += chunk
+        sequence.prompt_energy += counter.row(0)
+        for layer, rate in counter.row_firing_rate_per_layer(0).items():
+            sequence.prompt_layer_spikes[layer] = sequence.prompt_layer_spikes.get(layer, 0.0) + rate * chunk
+        self.prefill_chunks += 1
+        if sequence.prefilled in self._snapshot_points(sequence):
+            self.prefix_cache.insert(sequence.prompt_ids[:sequence.prefilled], sequence.cache)
+        return output.logits[0, -1] if sequence.prefilled == len(sequence.prompt_ids) else None
+
+    def _snapshot_points(self, sequence) -> tuple[int, ...]:
+        """Prompt lengths after which the prefix cache keeps the state: where the prompt parts from a cached
+        one, and one token before its end (the last token must run again for its logits, so a repeated
+        prompt, or a chat's next turn, resumes there)."""
+        if self.prefix_cache is None:
+            return ()
+        return sequence.snapshot_at, len(sequence.prompt_ids) - 1
 
     def _decode_step(self):
         batch = self._active
         ids = torch.tensor([[s.generated[-1]] for s in batch], dtype=torch.long)
-        counter = EnergyCounter(positions=[s.tokens_processed for s in batch])  # continuing sequences
+        # continuing sequences: each row's context so far (its prompt, cached part included, and its tokens)
+        counter = EnergyCounter(positions=[len(s.prompt_ids) + len(s.generated) - 1 for s in batch])
         with count_energy(self.model, counter):
             output = self.model(input_ids=ids, cache=self._cache, use_cache=True)
         self._cache = output.cache
@@ -319,7 +433,9 @@ class Engine:
 
     def _drop_cancelled(self):
         keep = [row for row, s in enumerate(self._active) if not s.cancelled]
-        self.cancelled_total += len(self._active) - len(keep)
+        dropped = [s for s in self._prefilling if s.cancelled]
+        self._prefilling = [s for s in self._prefilling if not s.cancelled]
+        self.cancelled_total += len(self._active) - len(keep) + len(dropped)
         self._keep_rows(keep)
 
     def _keep_rows(self, keep):
@@ -332,8 +448,14 @@ class Engine:
         self._cache.select_rows(torch.tensor(keep, dtype=torch.long))
 
     def _accept(self, sequence, logits, energy: EnergyCounts, firing_rate_per_layer=None) -> bool:
-        """Sample the next token from logits [V], tell the request; returns True when the sequence is done."""
-        token = sample_next(logits, sequence.params, sequence.generator)
+        """Sample the next token from logits [V], tell the request; returns True when the sequence is done
+        (finished, or failed: a failure here is this sequence's alone)."""
+        try:
+            token = sample_next(logits, sequence.params, sequence.generator)
+        except Exception:
+            logger.exception("sampling failed for request %s", sequence.request_id)
+            self._fail(sequence)
+            return True
         sequence.generated.append(token)
         sequence.energy += energy
         delta, hit_stop = ("", False) if token in self.eos_ids else sequence.text.push(token)
@@ -353,21 +475,29 @@ class Engine:
         self._emit(sequence, event)
         return sequence.finished
 
+    def _fail(self, sequence):
+        sequence.finished = True
+        self.failed_total += 1
+        self._emit(sequence, _failure(sequence))
+
     def _gpt2_pj(self, energy: EnergyCounts) -> float:
-        """The same-shape GPT-2 doing the work `energy` counts (its MACs are linear in tokens, logits and
-        context, so the shares of a request's forward passes add up to the request's)."""
+        """The same-shape fp32 GPT-2's operations for the work `energy` counts (its counts are linear in tokens,
+        logits and context, so the shares of a request's forward passes add up to the request's)."""
         reference = gpt2_reference_counts(self.config, energy.tokens, logits=energy.logits, context=energy.context)
-        return self.e_mac_pj * reference["total"]
+        return self.prices.compute_pj(reference["counts"])
 
     def _usage(self, sequence) -> RequestUsage:
+        per = max(len(sequence.generated), 1)  # per generated token
+        summary = summarise(sequence.energy, self.config, self.prices, per)
         return RequestUsage(prompt_tokens=len(sequence.prompt_ids), completion_tokens=len(sequence.generated),
                             energy=sequence.energy, tokens_processed=sequence.tokens_processed,
+                            cached_tokens=sequence.cached_tokens,
                             pj=sequence.energy.picojoules(self.e_ac_pj, self.e_mac_pj),
-                            gpt2_pj=self._gpt2_pj(sequence.energy))
+                            gpt2_pj=self._gpt2_pj(sequence.energy), summary=summary)
 
     def _emit(self, sequence, event):
         try:
             sequence.on_event(event)
         except Exception:  # the listener's problem (e.g. its event loop closed): drop the sequence
-            logger.exception("event delivery failed")
+            logger.exception("event delivery failed for request %s", sequence.request_id)
             sequence.cancel()

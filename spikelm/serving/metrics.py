@@ -23,6 +23,24 @@ class EngineCollector:
         yield CounterMetricFamily("spikelm_cancelled_sequences", "Sequences dropped because the client went away",
                                   value=engine.cancelled_total)
         yield CounterMetricFamily("spikelm_decode_steps", "Batched decode steps run", value=engine.steps)
+        yield GaugeMetricFamily("spikelm_prefilling_sequences", "Sequences whose prompt is being prefilled "
+                                "(they hold a slot)", value=engine.prefilling_count)
+        yield CounterMetricFamily("spikelm_prefill_chunks", "Prompt chunks run between decode steps",
+                                  value=engine.prefill_chunks)
+        yield CounterMetricFamily("spikelm_failed_sequences", "Sequences failed inside the engine (each alone)",
+                                  value=engine.failed_total)
+        cache = engine.prefix_cache
+        if cache is not None:
+            yield CounterMetricFamily("spikelm_prefix_cache_hits", "Prompts resumed from a cached prefix state",
+                                      value=cache.hits)
+            yield CounterMetricFamily("spikelm_prefix_cache_misses", "Prompts with no cached prefix",
+                                      value=cache.misses)
+            yield CounterMetricFamily("spikelm_prefix_cache_hit_tokens", "Prompt tokens not run again thanks "
+                                      "to the prefix cache", value=cache.hit_tokens)
+            yield CounterMetricFamily("spikelm_prefix_cache_evictions", "Prefix states evicted (least recently "
+                                      "used first)", value=cache.evictions)
+            yield GaugeMetricFamily("spikelm_prefix_cache_bytes", "Bytes held by the prefix cache", value=cache.bytes)
+            yield GaugeMetricFamily("spikelm_prefix_cache_entries", "Prefix states held", value=len(cache))
 
 
 class ServerMetrics:
@@ -36,11 +54,14 @@ class ServerMetrics:
         self.energy_joules = Counter("spikelm_energy_joules", "Energy of all requests (prompt and decode)",
                                      registry=r)
         self.energy_pj_per_token = Histogram(
-            "spikelm_energy_pj_per_token", "Picojoules per generated token, per request", registry=r,
+            "spikelm_energy_pj_per_token", "Picojoules per generated token, per request (prompt included)", registry=r,
             buckets=[10.0 ** e for e in range(3, 12)])
         self.time_to_first_token = Histogram(
             "spikelm_time_to_first_token_seconds", "From request arrival to its first token", registry=r,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.inter_token_latency = Histogram(
+            "spikelm_inter_token_latency_seconds", "Between two tokens of one request", registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
         self.tokens_per_second = Histogram(
             "spikelm_tokens_per_second", "Decode speed of each request (tokens after the first / time)",
             registry=r, buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000))

@@ -1,11 +1,12 @@
 """Request and response bodies of the OpenAI-compatible API, with bounds on every field.
 
-Requests ignore keys they do not know (clients send `user`, `logit_bias`, ...), but refuse values that would
-silently change what the client asked for (n > 1, penalties, logprobs). Responses add spikelm's energy figures
-as extra keys, which the official `openai` client keeps (as attributes / `model_extra`).
+Requests ignore keys they do not know, but refuse values that would silently change what the client asked for
+(n > 1, penalties, logprobs, best_of, response_format, stream_options without stream), each with a message
+naming the field. A field OpenAI types "or null" takes null as its default. Responses add spikelm's energy
+figures as extra keys, which the official `openai` client keeps (as attributes / `model_extra`).
 """
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -16,6 +17,7 @@ MAX_STOP_CHARS = 256
 MAX_TEXT_CHARS = 4_000_000
 MAX_MESSAGES = 1024
 MAX_TOKEN_ID = 2**31 - 1
+MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit
 
 
 class StreamOptions(BaseModel):
@@ -29,18 +31,56 @@ class SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = Field(default=None, max_length=256)
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_CEILING)
-    temperature: float = Field(default=1.0, ge=0.0, le=10.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0, le=1_000_000)  # 0: no top-k cut
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_CEILING)] | None = None
+    # 0: greedy; (0, 0.01) is raised to 0.01 (as vLLM does): smaller ones overflow the division
+    temperature: Annotated[float, Field(ge=0.0, le=10.0)] | None = 1.0
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = 1.0
+    top_k: Annotated[int, Field(ge=0, le=1_000_000)] | None = 0  # 0: no top-k cut
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
-    n: int = Field(default=1, ge=1, le=1)  # one choice per request
-    stream: bool = False
+    n: Annotated[int, Field(ge=1, le=1)] | None = 1  # one choice per request
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)  # only 0 (neutral) is supported
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)  # only 0 (neutral) is supported
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = 0.0  # only 0 (neutral) is supported
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] | None = 0.0  # only 0 (neutral) is supported
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None  # token id -> bias
     user: str | None = Field(default=None, max_length=256)
+    response_format: dict | None = None  # only {"type": "text"}
+
+    @field_validator("max_tokens", "temperature", "top_p", "top_k", "n", "stream", "presence_penalty",
+                     "frequency_penalty", mode="before")
+    @classmethod
+    def _null_means_default(cls, value, info):
+        return cls.model_fields[info.field_name].default if value is None else value
+
+    @field_validator("logit_bias", mode="after")
+    @classmethod
+    def _token_ids(cls, value):
+        if value is None:
+            return value
+        if len(value) > MAX_LOGIT_BIAS_ENTRIES:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS_ENTRIES} entries")
+        for key in value:
+            if not (key.isascii() and key.isdigit()) or int(key) > MAX_TOKEN_ID:
+                raise ValueError(f"keys must be token ids (non-negative integers as strings), got {key[:20]!r}")
+        return value
+
+    @field_validator("response_format", mode="after")
+    @classmethod
+    def _text_only(cls, value):
+        if value is not None and value.get("type", "text") != "text":
+            raise ValueError(f"only {{\"type\": \"text\"}} is supported, not {str(value.get('type'))[:40]!r}: "
+                             "this server cannot constrain its output to JSON")
+        return value
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed with stream: true")
+        return self
+
+    def logit_bias_ids(self) -> dict[int, float]:
+        return {int(key): bias for key, bias in (self.logit_bias or {}).items()}
 
     @field_validator("n", mode="before")
     @classmethod
@@ -52,7 +92,7 @@ class SamplingRequest(BaseModel):
     @field_validator("presence_penalty", "frequency_penalty", mode="after")
     @classmethod
     def _neutral_penalty(cls, value):
-        if value != 0:
+        if value:
             raise ValueError("penalties are not supported: leave them at 0")
         return value
 
@@ -74,12 +114,13 @@ class SamplingRequest(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    # a string, a list holding one string, or token ids
+    # a string, a list holding one string, or token ids (several prompts in one request: send several requests)
     prompt: str | list[str] | list[int]
-    max_tokens: int | None = Field(default=16, ge=1, le=MAX_TOKENS_CEILING)  # OpenAI's default for completions
-    echo: bool = False
+    max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_CEILING)] | None = 16  # OpenAI's default for completions
+    echo: bool | None = False  # not supported (checked below)
     logprobs: int | None = Field(default=None, ge=0, le=5)  # not supported (checked below)
     suffix: str | None = Field(default=None, max_length=MAX_STOP_CHARS)  # not supported (checked below)
+    best_of: int | None = Field(default=None, ge=1, le=1)  # one candidate per request
 
     @field_validator("prompt", mode="after")
     @classmethod
@@ -100,11 +141,19 @@ class CompletionRequest(SamplingRequest):
             raise ValueError(f"prompt has more than {MAX_TEXT_CHARS} characters")
         return value
 
-    @model_validator(mode="after")
-    def _no_echo(self):
-        if self.echo or self.logprobs or self.suffix:
-            raise ValueError("echo, logprobs and suffix are not supported")
-        return self
+    @field_validator("logprobs", mode="after")
+    @classmethod
+    def _no_logprobs(cls, value):
+        if value is not None:
+            raise ValueError("logprobs is not supported by this server: leave it out or null")
+        return value
+
+    @field_validator("echo", "suffix", mode="after")
+    @classmethod
+    def _not_supported(cls, value, info):
+        if value:
+            raise ValueError(f"{info.field_name} is not supported by this server: leave it out")
+        return value
 
 
 class TextPart(BaseModel):
@@ -138,12 +187,14 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_CEILING)  # newer name
     logprobs: bool | None = None  # not supported (checked below)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)  # not supported (checked below)
 
-    @model_validator(mode="after")
-    def _no_logprobs(self):
-        if self.logprobs:
-            raise ValueError("logprobs is not supported")
-        return self
+    @field_validator("logprobs", "top_logprobs", mode="after")
+    @classmethod
+    def _no_logprobs(cls, value, info):
+        if value:
+            raise ValueError(f"{info.field_name} is not supported by this server: leave it out, false or null")
+        return value
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -167,12 +218,30 @@ class EnergyUsage(BaseModel):
     energy_gpt2_pj_per_token: float  # the same-shape GPT-2, same tokens, same denominator
     energy_ratio_to_gpt2: float
     energy_tokens_processed: int  # prompt tokens + generated tokens fed back into the model
+    # memory traffic (spikelm.energy's rules, SRAM prices) and operation + memory totals, per generated token;
+    # the references: GPT-2 at fp32 and int8, the ANN twin; each with its operation counts
+    energy_memory_pj_per_token: float = 0.0
+    energy_total_pj_per_token: float = 0.0
+    energy_weight_reads_per_token: float = 0.0
+    energy_gpt2_mac_per_token: float = 0.0
+    energy_gpt2_total_pj_per_token: float = 0.0
+    energy_gpt2_int8_pj_per_token: float = 0.0
+    energy_gpt2_int8_total_pj_per_token: float = 0.0
+    energy_ann_twin_ac_per_token: float = 0.0
+    energy_ann_twin_mac_per_token: float = 0.0
+    energy_ann_twin_pj_per_token: float = 0.0
+    energy_ann_twin_total_pj_per_token: float = 0.0
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens resumed from the prefix-state cache (not run again)
 
 
 class Usage(EnergyUsage):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class TokenEnergy(BaseModel):

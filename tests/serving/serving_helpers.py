@@ -6,23 +6,41 @@ import time
 from contextlib import contextmanager
 
 import httpx
-import uvicorn
 
 from spikelm.serving.app import create_app
+from spikelm.serving.server import DrainingServer, uvicorn_config
 from spikelm.serving.settings import ServeSettings
 
 
 @contextmanager
 def running_server(model_dir, **settings):
     """Start the real app under uvicorn in a thread, on a port the OS picked; yields its base URL."""
+    with server_handle(model_dir, **settings) as handle:
+        yield handle.base
+
+
+class ServerHandle:
+    def __init__(self, base, server, thread, app):
+        self.base, self.server, self.thread, self.app = base, server, thread, app
+
+    def shut_down(self):
+        """What Ctrl-C does: uvicorn's graceful shutdown (returns at once; the server drains in its thread)."""
+        self.server.should_exit = True
+
+
+@contextmanager
+def server_handle(model_dir, **settings):
+    """Like running_server, yielding a ServerHandle (base URL, the uvicorn server, its thread, the app)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     settings.setdefault("api_key", None)
     settings.setdefault("threads", 1)  # the test process shares two cores
-    app = create_app(ServeSettings(model=str(model_dir), port=port, **settings))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    settings.setdefault("shutdown_timeout_s", 0.5)
+    serve_settings = ServeSettings(model=str(model_dir), port=port, **settings)
+    app = create_app(serve_settings)
+    server = DrainingServer(uvicorn_config(app, serve_settings, log_level="warning"), app)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
@@ -37,7 +55,7 @@ def running_server(model_dir, **settings):
             raise RuntimeError("the server did not start")
         time.sleep(0.1)
     try:
-        yield base
+        yield ServerHandle(base, server, thread, app)
     finally:
         server.should_exit = True
         thread.join(15)

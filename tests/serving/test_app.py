@@ -15,7 +15,11 @@ from serving_helpers import metric, running_server, stream_completion
 pytestmark = pytest.mark.timeout(180)
 
 ENERGY_KEYS = ("energy_joules", "energy_pj_per_token", "energy_ac_per_token", "energy_mac_per_token",
-               "energy_firing_rate", "energy_gpt2_pj_per_token")
+               "energy_firing_rate", "energy_gpt2_pj_per_token", "energy_memory_pj_per_token",
+               "energy_total_pj_per_token", "energy_weight_reads_per_token", "energy_gpt2_mac_per_token",
+               "energy_gpt2_total_pj_per_token", "energy_gpt2_int8_pj_per_token", "energy_gpt2_int8_total_pj_per_token",
+               "energy_ann_twin_ac_per_token", "energy_ann_twin_mac_per_token", "energy_ann_twin_pj_per_token",
+               "energy_ann_twin_total_pj_per_token")
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +57,17 @@ def test_openai_completion_carries_text_and_energy(client):
     for key in ENERGY_KEYS:
         assert energy[key] > 0, key
     assert energy["energy_joules"] == pytest.approx(energy["energy_pj_per_token"] * usage.completion_tokens * 1e-12)
+    assert energy["energy_total_pj_per_token"] == pytest.approx(energy["energy_pj_per_token"]
+                                                                + energy["energy_memory_pj_per_token"])
+    assert energy["energy_gpt2_int8_pj_per_token"] < energy["energy_gpt2_pj_per_token"]  # int8 prices
     # the spiking model should be cheaper than the same-shape GPT-2 doing the same work
     assert 0 < energy["energy_ratio_to_gpt2"] < 5
 
 
 def test_openai_streamed_completion_matches_plain_and_sums_energy(client):
+    # a first request leaves the prompt's state in the prefix cache: the two compared below both resume there,
+    # so they do the same work
+    client.completions.create(model="tiny", prompt="Whether 'tis", max_tokens=1, temperature=0)
     plain = client.completions.create(model="tiny", prompt="Whether 'tis", max_tokens=20, temperature=0)
     chunks = list(client.completions.create(model="tiny", prompt="Whether 'tis", max_tokens=20, temperature=0,
                                             stream=True, stream_options={"include_usage": True}))
@@ -68,6 +78,8 @@ def test_openai_streamed_completion_matches_plain_and_sums_energy(client):
     assert all(e["pj"] > 0 and e["ac"] > 0 and 0 < e["firing_rate"] < 1 for e in per_token)
     last = chunks[-1]
     assert last.choices == [] and last.usage.completion_tokens == plain.usage.completion_tokens
+    cached = len("Whether 'tis") - 1  # all but the last prompt token, which runs again for its logits
+    assert last.usage.prompt_tokens_details.cached_tokens == plain.usage.prompt_tokens_details.cached_tokens == cached
     # the chunks' energies add up to the request's, which equals the same request's without streaming
     total_pj = extra(last.usage)["energy_joules"] * 1e12
     assert sum(e["pj"] for e in per_token) == pytest.approx(total_pj)

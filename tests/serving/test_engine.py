@@ -36,6 +36,10 @@ def test_row_counts_in_a_batched_step_equal_each_sequence_counted_alone(attentio
         assert (row.ac, row.mac) == (sum(counter.ac.values()), sum(counter.mac.values()))
         assert (row.spikes, row.neuron_steps) == (sum(counter.spikes.values()), sum(counter.neuron_steps.values()))
         assert (row.tokens, row.logits, row.context) == (1, 1, len(prompts[i]) + 1)
+        alone_total = counter.total()
+        assert (row.weight_reads, row.state_reads, row.state_writes, row.spike_reads, row.spike_writes) == (
+            alone_total.weight_reads, alone_total.state_reads, alone_total.state_writes, alone_total.spike_reads,
+            alone_total.spike_writes)
         # float64: the same numbers alone and in the batch, bit for bit
         assert torch.equal(batched.logits[i, -1], logits)
     assert rows.row(0).ac != rows.row(1).ac  # the counts really are per row

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from helpers import save_tiny_model
-from serving_helpers import running_server
+from serving_helpers import metric, running_server
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -40,7 +40,10 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    with running_server(model_dir, api_key=API_KEY, max_tokens=4096, max_batch=4, max_queue=4) as base:
+    # no prefix cache: these tests compare the page's figures with the same request sent again, which would
+    # otherwise resume from the first one's cached prompt state and cost less
+    with running_server(model_dir, api_key=API_KEY, max_tokens=4096, max_batch=4, max_queue=4,
+                        prefix_cache_bytes=0) as base:
         yield base
 
 
@@ -146,13 +149,23 @@ def test_page_is_served_without_a_key_and_loads_nothing_from_elsewhere(server):
     assert missing.status_code == 404 and "error" in missing.json()
 
 
+def test_page_follows_the_api_host_rule(server):
+    """A page on another site whose name a browser resolves to this server (DNS rebinding) gets neither the
+    page nor its script: the same Host check as the API."""
+    port = server.rsplit(":", 1)[1]
+    for path in ("/", "/static/playground.js"):
+        rebound = httpx.get(server + path, headers={"Host": f"attacker.example:{port}"}, timeout=10)
+        assert rebound.status_code == 400 and rebound.json()["error"]["code"] == "invalid_host", path
+        assert httpx.get(server + path, headers={"Host": f"localhost:{port}"}, timeout=10).status_code == 200
+
+
 # ================================================================ in the browser
 
 
 def test_generation_shows_each_token_with_its_energy(server, browser):
     settings = {"max-tokens": 48, "temperature": 0.8, "top-p": 0.95, "seed": 1234}
+    browser.get_log("browser")  # empties the console log: from here on it is this page's
     open_page(browser, server)
-    browser.get_log("browser")  # empties the console log
     fill(browser, mode="completion", prompt=PROMPT, **settings)
     status = generate_and_wait(browser)
 
@@ -187,10 +200,13 @@ def test_generation_shows_each_token_with_its_energy(server, browser):
     assert float(summary["sum-ratio"].get_attribute("data-value")) == usage["energy_ratio_to_gpt2"]
     assert float(browser.find_element("id", "sum-rate").get_attribute("data-value")) > 0
     # and every further per-token figure the usage reports (memory traffic, other references) gets a row
-    further = [value for key, value in usage.items() if re.fullmatch(r"energy_(.+)_pj_per_token", key)
-               and key != "energy_gpt2_pj_per_token" and value > 0]
+    further = {match[1]: value for key, value in usage.items()
+               if (match := re.fullmatch(r"energy_(.+)_pj_per_token", key)) and match[1] != "gpt2" and value > 0}
     rows = browser.find_elements("css selector", "#sum-extra td")
-    assert [float(cell.get_attribute("data-value")) for cell in rows] == further
+    assert [float(cell.get_attribute("data-value")) for cell in rows] == list(further.values())
+    # and the other models' compute (not memory traffic, not compute + memory) is drawn as a line each
+    others = [name for name in further if name not in ("memory", "total") and not name.endswith("_total")]
+    assert len(browser.find_elements("css selector", "#chart line.ref")) == len(others)
     # the last token's firing rate by layer, as bars
     bars = browser.find_elements("css selector", "#layers rect.bar")
     last = energies[-1]["firing_rate_per_layer"]
@@ -227,6 +243,7 @@ def test_chat_mode_streams_from_chat_completions(server, browser):
 
 
 def test_stop_ends_a_long_generation_and_frees_the_slot(server, browser):
+    cancelled = metric(server, "spikelm_cancelled_sequences_total")
     open_page(browser, server)
     fill(browser, mode="completion", prompt=PROMPT, **{"max-tokens": 4096, "temperature": 0})
     browser.find_element("id", "generate").click()
@@ -246,6 +263,7 @@ def test_stop_ends_a_long_generation_and_frees_the_slot(server, browser):
     while health(server)["active_sequences"] != 0:  # the server noticed the closed connection
         assert time.monotonic() < deadline, "the server kept generating for a stopped request"
         time.sleep(0.05)
+    assert metric(server, "spikelm_cancelled_sequences_total") == cancelled + 1  # dropped, not finished
     # what was shown before Stop is still summed up, from the chunks that came
     assert browser.find_element("id", "sum-tokens").text == f"{shown:,}"
 
@@ -270,7 +288,10 @@ def test_busy_server_answer_names_its_retry_after(model_dir, browser):
                           headers={"Authorization": f"Bearer {API_KEY}"}) as hog:  # takes the only slot
             lines = hog.iter_lines()  # held: a dropped iterator would close the connection
             next(lines)
-            assert health(base)["active_sequences"] == 1
+            deadline = time.monotonic() + 10  # the first token comes out just before its sequence joins the batch
+            while health(base)["active_sequences"] != 1:
+                assert time.monotonic() < deadline, "the long request did not take the slot"
+                time.sleep(0.02)
             open_page(browser, base)
             fill(browser, mode="completion", prompt=PROMPT, **{"max-tokens": 8})
             status = generate_and_wait(browser)
@@ -284,7 +305,7 @@ def test_stream_chunks_carry_layer_firing_rates_and_the_gpt2_reference(server, m
     import torch
     from transformers import AutoModelForCausalLM
 
-    from spikelm.energy import E_MAC_PJ, EnergyCounter, count_energy, gpt2_reference_counts
+    from spikelm.energy import EnergyCounter, Prices, count_energy, gpt2_reference_counts
 
     prompt_ids = [5, 17, 3, 30, 22, 9, 11]
     _, energies, usage = api_stream(server, "/v1/completions", {
@@ -307,8 +328,8 @@ def test_stream_chunks_carry_layer_firing_rates_and_the_gpt2_reference(server, m
     # GPT-2's share of each forward pass: the prompt's (one logit), then one token's at each position; they add
     # up to the usage's
     P = len(prompt_ids)
-    gpt2_pj = lambda tokens, context: E_MAC_PJ * gpt2_reference_counts(  # noqa: E731
-        model.config, tokens, logits=1, context=context)["total"]
+    gpt2_pj = lambda tokens, context: Prices().compute_pj(gpt2_reference_counts(  # noqa: E731
+        model.config, tokens, logits=1, context=context)["counts"])  # its MACs and its norms' and residual ACs
     assert energies[0]["gpt2_pj"] == gpt2_pj(P, P * (P + 1) // 2)
     assert energies[3]["gpt2_pj"] == gpt2_pj(1, P + 3)
     assert energies[3]["gpt2_pj"] < energies[4]["gpt2_pj"]  # softmax attention's cost grows with the context

@@ -1,0 +1,139 @@
+"""The engine's scheduling: chunked prefill between decode steps, and the prefix-state cache.
+
+The engine runs here without HTTP (a real model, real threads), then once behind the real server for /metrics.
+"""
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from helpers import save_tiny_model
+from serving_helpers import metric, running_server
+from spikelm.serving.app import load_model_and_tokenizer
+from spikelm.serving.engine import Engine, SamplingParams
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module", params=["ssa", "sdsa"])
+def model_dir(request, tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp(f"scheduling-{request.param}") / "tiny",
+                           attention_type=request.param)
+
+
+class Collector:
+    """Events of one request, with the time each arrived."""
+
+    def __init__(self):
+        self.events, self.times, self.done = [], [], threading.Event()
+
+    def __call__(self, event):
+        self.events.append(event)
+        self.times.append(time.monotonic())
+        if event.finish_reason is not None:
+            self.done.set()
+
+    @property
+    def tokens(self):
+        return [e.token_id for e in self.events if e.token_id is not None]
+
+
+def run_engine(model_dir, prompts, params, one_at_a_time=False, **engine_settings):
+    """Submit the prompts (together, or each after the one before has finished) to a fresh engine; returns
+    their Collectors and the engine."""
+    model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    engine = Engine(model, tokenizer, threads=1, **engine_settings)
+    engine.start()
+    try:
+        collectors = []
+        for prompt in prompts:
+            collectors.append(Collector())
+            engine.submit(prompt, params, collectors[-1])
+            if one_at_a_time:
+                assert collectors[-1].done.wait(120)
+        for collector in collectors:
+            assert collector.done.wait(120)
+    finally:
+        engine.stop()
+    return collectors, engine
+
+
+SHARED = [3 + (i * 7) % 17 for i in range(300)]  # a "system prompt" of token ids
+PROMPTS = [SHARED + [4, 5, 6], SHARED + [8], SHARED + [9, 10], SHARED + [4, 5, 6]]
+
+
+def test_prefix_cache_gives_the_same_greedy_tokens_and_skips_shared_prompts(model_dir):
+    greedy = SamplingParams(max_tokens=24, temperature=0)
+    # one at a time, so that each prompt can find the ones before it in the cache
+    cold, uncached = run_engine(model_dir, PROMPTS, greedy, True, prefix_cache_bytes=0, step_tokens=64)
+    warm, cached = run_engine(model_dir, PROMPTS, greedy, True, prefix_cache_bytes=2**26, step_tokens=64)
+    assert [c.tokens for c in warm] == [c.tokens for c in cold]  # identical with and without the cache
+    assert len({tuple(c.tokens) for c in cold}) > 1
+    usage = [c.events[-1].usage for c in warm]
+    assert usage[0].cached_tokens == 0  # the first prompt finds nothing
+    assert usage[1].cached_tokens == 0  # nor the second, which keeps a snapshot where it parts from the first
+    assert usage[2].cached_tokens == 300  # the third resumes there
+    assert usage[3].cached_tokens == len(PROMPTS[3]) - 1  # a repeated prompt runs only its last token
+    assert all(u.tokens_processed == u.prompt_tokens - u.cached_tokens + u.completion_tokens - 1 for u in usage)
+    # the energy counts only what ran: a cached prompt costs less than the same prompt cold
+    assert warm[3].events[0].energy.ac < cold[3].events[0].energy.ac
+    # and at the positions where it ran (the GPT-2 reference's attention cost grows with them)
+    n, generated = len(PROMPTS[3]), usage[3].completion_tokens
+    decode_positions = sum(n + j for j in range(1, generated))
+    assert usage[3].energy.context == n + decode_positions
+    assert cold[3].events[-1].usage.energy.context == n * (n + 1) // 2 + decode_positions
+    assert (cached.prefix_cache.hits, cached.prefix_cache.misses) == (2, 2) and uncached.prefix_cache is None
+
+
+def test_chunked_prefill_gives_the_same_tokens_as_one_forward(model_dir):
+    greedy = SamplingParams(max_tokens=16, temperature=0)
+    prompts = [SHARED[:200], SHARED[:150] + [8, 9], [5, 6, 7]]
+    whole, _ = run_engine(model_dir, prompts, greedy, prefix_cache_bytes=0, step_tokens=4096,
+                          idle_prefill_tokens=4096)
+    chunked, engine = run_engine(model_dir, prompts, greedy, prefix_cache_bytes=0, step_tokens=7,
+                                 min_prefill_chunk=1, idle_prefill_tokens=7)
+    assert [c.tokens for c in chunked] == [c.tokens for c in whole]
+    assert engine.prefill_chunks >= sum(len(p) for p in prompts) // 7
+
+
+def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_running_streams(model_dir):
+    model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    engine = Engine(model, tokenizer, threads=1, step_tokens=64, prefix_cache_bytes=0)
+    engine.start()
+    try:
+        streams = [Collector() for _ in range(2)]
+        sequences = [engine.submit([3 + i, 4, 5], SamplingParams(max_tokens=2000, temperature=0), stream)
+                     for i, stream in enumerate(streams)]
+        while min(len(s.events) for s in streams) < 3:
+            time.sleep(0.01)
+        long_one = Collector()
+        submitted = time.monotonic()
+        engine.submit([3 + i % 15 for i in range(2000)], SamplingParams(max_tokens=1, temperature=0), long_one)
+        assert long_one.done.wait(120)
+        for sequence in sequences:
+            engine.cancel(sequence)
+    finally:
+        engine.stop()
+    first_token = long_one.times[0]
+    for stream in streams:
+        during = [t for t in stream.times if submitted < t < first_token]
+        # (2000 tokens) / (64 - 2 per step) = 33 chunks: a stream token between each, not one long pause
+        assert len(during) >= 2000 // 62 - 2
+
+
+def test_metrics_show_prefix_cache_hits_and_latency_histograms(model_dir):
+    with running_server(model_dir, max_prompt_tokens=1000) as base:
+        system = "You are the Prince of Denmark. Answer in verse. " * 8
+        for question in ("To be?", "Or not?", "Which?"):
+            body = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+                    "max_tokens": 5, "temperature": 0}
+            response = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60).json()
+        assert response["usage"]["prompt_tokens_details"]["cached_tokens"] > len(system)
+        assert metric(base, "spikelm_prefix_cache_hits_total") >= 1
+        assert metric(base, "spikelm_prefix_cache_hit_tokens_total") > len(system)
+        assert metric(base, "spikelm_prefix_cache_bytes") > 0
+        assert metric(base, "spikelm_time_to_first_token_seconds_count") == 3
+        assert metric(base, "spikelm_inter_token_latency_seconds_count") == 3 * 4
+        assert metric(base, "spikelm_energy_pj_per_token_count") == 3
