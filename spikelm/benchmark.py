@@ -27,10 +27,12 @@ from pathlib import Path
 
 FULL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, vocab_size=4096,
             time_steps=[4], contexts=[128, 512, 2048, 4096], train_batch=8, train_seq_len=256, decode_tokens=32,
-            repeats=5, warmup=1, neuron_shape=[4, 2048, 1024], energy_context=512)
+            repeats=5, warmup=1, neuron_shape=[4, 2048, 1024], energy_context=512,
+            event_shape=dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16))
 QUICK = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, vocab_size=512,
              time_steps=[4], contexts=[128, 512], train_batch=4, train_seq_len=64, decode_tokens=8, repeats=3,
-             warmup=1, neuron_shape=[4, 512, 1024], energy_context=128)
+             warmup=1, neuron_shape=[4, 512, 1024], energy_context=128,
+             event_shape=dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4))
 
 # glibc mallopt parameters. PeakRSS pins the mmap threshold low; afterwards it sets glibc's own steady state
 # back (the dynamic threshold ends at 32 MiB, with the trim threshold at twice that). Pinning the threshold
@@ -146,7 +148,7 @@ def training_speed(model, settings):
     import torch
 
     batch, seq_len = settings["train_batch"], settings["train_seq_len"]
-    ids = torch.randint(settings["vocab_size"], (batch, seq_len))
+    ids = torch.randint(settings["vocab_size"], (batch, seq_len), device=settings.get("device", "cpu"))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -155,33 +157,109 @@ def training_speed(model, settings):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        _synchronize(ids.device)
 
     seconds = median_time(step, settings["repeats"], settings["warmup"])
     model.eval()
     return {"tokens_per_s": batch * seq_len / seconds, "step_s": seconds}
 
 
+class StepClock:
+    """A logits processor that changes nothing and notes the time of each generation step: the intervals
+    between its calls are whole decode steps of plain `generate()` (forward, sampling, bookkeeping)."""
+
+    def __init__(self, device):
+        self.device, self.times = device, []
+
+    def __call__(self, input_ids, scores):
+        _synchronize(self.device)
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def _synchronize(device):
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def generate_decode_s(model, prompt, settings):
+    """Median seconds per decode step of plain `model.generate()` (greedy, batch 1) after `prompt`, over
+    `decode_tokens` steps after `warmup` steps."""
+    from transformers import LogitsProcessorList
+
+    new_tokens = settings["warmup"] + settings["decode_tokens"] + 1
+    clock = StepClock(prompt.device)
+    output = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                            pad_token_id=0, logits_processor=LogitsProcessorList([clock]),
+                            return_dict_in_generate=True)
+    steps = [b - a for a, b in zip(clock.times, clock.times[1:])][settings["warmup"]:]
+    return statistics.median(steps), output
+
+
 def inference_speed(model, context, settings):
-    """Prefill `context` random tokens (median of repeats), then decode greedily `decode_tokens` tokens after
-    one more prefill, each step timed (median)."""
+    """Prefill `context` random tokens (median of repeats); then decode greedily `decode_tokens` tokens through
+    plain `model.generate()` (what users call), each step timed (median)."""
     import torch
 
-    prompt = torch.randint(settings["vocab_size"], (1, context))
-    with torch.no_grad():
-        prefill_s = median_time(lambda: model(prompt, use_cache=True), settings["repeats"], settings["warmup"])
+    device = settings.get("device", "cpu")
+    prompt = torch.randint(settings["vocab_size"], (1, context), device=device)
+
+    def prefill():
         output = model(prompt, use_cache=True)
-        cache = output.cache
-        token = output.logits[:, -1:].argmax(-1)  # [1, 1]
-        steps = []
-        for _ in range(settings["warmup"] + settings["decode_tokens"]):
-            start = time.perf_counter()
-            output = model(token, cache=cache, use_cache=True)
-            token = output.logits[:, -1:].argmax(-1)
-            steps.append(time.perf_counter() - start)
-    decode_s = statistics.median(steps[settings["warmup"]:])
+        _synchronize(device)
+        return output
+
+    with torch.no_grad():
+        prefill_s = median_time(prefill, settings["repeats"], settings["warmup"])
+        decode_s, output = generate_decode_s(model, prompt, settings)
+        cache = output.cache  # the state after warmup + decode tokens
     return {"context": context, "prefill_tokens_per_s": context / prefill_s, "prefill_s": prefill_s,
             "decode_tokens_per_s": 1.0 / decode_s, "decode_ms_per_token": 1000.0 * decode_s,
             "state_bytes": state_bytes(cache)}
+
+
+def event_driven_speed(settings, log=print):
+    """Dense against event-driven decode of one spikelm model at a width whose weights do not fit in cache
+    (`event_shape`: D=1024, 8 layers by default), through plain generate() at the first context: tokens/s of
+    each, whether they chose the same tokens, the firing rate; and the dense/gather-sum crossover."""
+    import torch
+
+    from . import SpikeLMConfig, SpikeLMForCausalLM, energy_report
+    from .event_driven import crossover, set_event_driven
+
+    shape = settings["event_shape"]
+    torch.manual_seed(0)
+    config = SpikeLMConfig(vocab_size=settings["vocab_size"], hidden_size=shape["hidden_size"],
+                           num_hidden_layers=shape["num_hidden_layers"],
+                           num_attention_heads=shape["num_attention_heads"],
+                           intermediate_size=4 * shape["hidden_size"], time_steps=settings["time_steps"][0],
+                           attention_type=settings["attention_type"])
+    device = settings.get("device", "cpu")
+    model = SpikeLMForCausalLM(config).to(device).eval()
+    context = settings["contexts"][0]
+    prompt = torch.randint(settings["vocab_size"], (1, context), device=device)
+    result = {"shape": shape, "context": context}
+    with torch.no_grad():
+        for name, enabled in (("dense", False), ("event_driven", True), ("dense_again", False)):
+            set_event_driven(model, enabled)
+            seconds, output = generate_decode_s(model, prompt, settings)
+            result[f"{name}_decode_tokens_per_s"] = 1.0 / seconds
+            result[f"{name}_tokens"] = output.sequences[0, context:].tolist()
+    set_event_driven(model, True)
+    result["same_tokens"] = result["dense_tokens"] == result["event_driven_tokens"]
+    result["firing_rate"] = energy_report(model, prompt.cpu() if device == "cpu" else prompt)["firing_rate"]
+    dense = (result["dense_decode_tokens_per_s"] + result["dense_again_decode_tokens_per_s"]) / 2
+    result["event_over_dense"] = result["event_driven_decode_tokens_per_s"] / dense
+    log(f"event-driven decode at D={shape['hidden_size']}, {shape['num_hidden_layers']} layers: "
+        f"{result['event_driven_decode_tokens_per_s']:.1f} tokens/s against dense {dense:.1f} "
+        f"({result['event_over_dense']:.2f}x), same tokens: {result['same_tokens']}, "
+        f"firing rate {result['firing_rate']:.3f}")
+    if device == "cpu":
+        result["crossover"] = crossover(time_steps=settings["time_steps"][0])
+        log(f"gather-sum faster than dense up to firing rates {result['crossover']['highest_rate_faster']}")
+    return result
 
 
 def memory_growth(model, context, settings):
@@ -206,13 +284,15 @@ def neuron_speed(settings):
 
     from .neurons import lif_multistep
 
-    current = torch.randn(*settings["neuron_shape"]).requires_grad_()
-    grad = torch.randn(*settings["neuron_shape"])
+    device = settings.get("device", "cpu")
+    current = torch.randn(*settings["neuron_shape"], device=device).requires_grad_()
+    grad = torch.randn(*settings["neuron_shape"], device=device)
 
     def timed(neuron):
         def fwd_bwd():
             current.grad = None
             neuron(current).backward(grad)
+            _synchronize(device)
 
         return median_time(fwd_bwd, settings["repeats"], settings["warmup"])
 
@@ -225,6 +305,7 @@ def neuron_speed(settings):
     if settings.get("compile_neurons"):  # and the compiled kernels (a one-off compilation in the warm-up)
         enable_compiled_kernels(True)
         result["spikelm_compiled_s"] = timed(lambda x: lif_multistep(x, 0.5, 1.0))
+    enable_compiled_kernels(None)  # back to the default
     try:
         from spikingjelly.activation_based import functional, neuron, surrogate
     except ImportError:
@@ -249,7 +330,7 @@ def energy_per_token(name, model, settings):
 
     from .energy import energy_report
 
-    ids = torch.randint(settings["vocab_size"], (1, settings["energy_context"]))
+    ids = torch.randint(settings["vocab_size"], (1, settings["energy_context"]), device=settings.get("device", "cpu"))
     report = energy_report(model, ids)
     return {"name": name, **{key: report[key] for key in ("pj_per_token", "ann_pj_per_token", "energy_ratio",
                                                          "firing_rate", "ac_per_token", "mac_per_token")}}
@@ -290,6 +371,9 @@ def ratios(report):
         energy = next(e for e in report["energy"]["models"] if e["name"] == name)
         out[f"energy_per_token_{tag}_over_gpt2"] = energy["energy_ratio"]
     out["neuron_time_over_spikingjelly"] = report["neuron"]["ratio"]
+    if "event_driven" in report:
+        out["event_driven_over_dense_decode_tokens_per_s"] = report["event_driven"]["event_over_dense"]
+        out["event_driven_same_tokens_as_dense"] = report["event_driven"]["same_tokens"]
     return out
 
 
@@ -301,8 +385,10 @@ def run_benchmark(settings, log=print):
               "inference": [], "training": []}
     from .neurons import enable_compiled_kernels
 
-    enable_compiled_kernels(bool(settings.get("compile_neurons")))  # training and inference of spikelm
-    models = build_models(settings)
+    # spikelm as users get it: compiled neuron kernels where they pay (or everywhere with --compile-neurons)
+    enable_compiled_kernels(True if settings.get("compile_neurons") else None)
+    device = settings.get("device", "cpu")
+    models = [(name, model.to(device)) for name, model in build_models(settings)]
     for name, model in models:
         model.eval()
         inference_speed(model, settings["contexts"][0], settings)  # warm-up: the first run pays one-off costs
@@ -311,6 +397,7 @@ def run_benchmark(settings, log=print):
             report["inference"].append(row)
             log(f"{name:>14} context {context:>5}: prefill {row['prefill_tokens_per_s']:9.0f} tokens/s, decode "
                 f"{row['decode_tokens_per_s']:7.1f} tokens/s, state {row['state_bytes'] / 2**20:7.2f} MiB")
+    report["event_driven"] = event_driven_speed(settings, log)
     report["energy"] = {"context": settings["energy_context"],
                         "models": [energy_per_token(name, model, settings) for name, model in models[1:]]}
     for name, model in models:
@@ -320,7 +407,7 @@ def run_benchmark(settings, log=print):
     report["neuron"] = neuron_speed(settings)
     log(f"neuron fwd+bwd {report['neuron']['spikelm_s'] * 1000:.1f} ms, SpikingJelly "
         f"{(report['neuron']['spikingjelly_s'] or float('nan')) * 1000:.1f} ms")
-    for row in report["inference"]:  # last: it changes the allocator's settings
+    for row in report["inference"] if device == "cpu" else []:  # last: it changes the allocator's settings
         model = dict(models)[row["name"]]
         row["peak_rss_growth_bytes"] = memory_growth(model, row["context"], settings)
         log(f"{row['name']:>14} context {row['context']:>5}: peak RSS growth "

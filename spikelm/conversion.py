@@ -96,11 +96,17 @@ def convert_to_snn(twin: SpikeLMForCausalLM) -> SpikeLMForCausalLM:
 
 
 def is_spike_driven(model, input_ids) -> bool:
-    """True when every weight matrix receives only 0s and 1s on this input."""
+    """True when every weight matrix receives only 0s and 1s on this input, and the LM head (fed_spike_counts)
+    the per-token count of its input spikes: whole numbers 0..T."""
     binary = []
+    time_steps = model.config.time_steps
 
     def check(module, inputs, output):
-        binary.append(bool(((inputs[0] == 0) | (inputs[0] == 1)).all()))
+        x = inputs[0]
+        if getattr(module, "fed_spike_counts", False):
+            binary.append(bool(((x >= 0) & (x <= time_steps) & (x == x.round())).all()))
+        else:
+            binary.append(bool(((x == 0) | (x == 1)).all()))
 
     handles = [m.register_forward_hook(check) for m in model.modules() if isinstance(m, nn.Linear)]
     try:

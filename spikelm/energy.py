@@ -414,6 +414,11 @@ def _nonzeros_per_row(x, batch_dim=1):
 COUNTED = tuple(f.name for f in fields(EnergyCounts))
 
 
+def _is_spike_counts(module, x):
+    """The LM head (`fed_spike_counts`) gets per-token counts of its input spikes: whole numbers >= 0."""
+    return getattr(module, "fed_spike_counts", False) and bool((x >= 0).all()) and bool((x == x.round()).all())
+
+
 class EnergyCounter:
     """Collects exact counts per batch row: operations and memory traffic per (layer, kind), spikes and
     neuron-steps per layer, real tokens, computed logits and positions. Every figure of the report is a sum
@@ -465,6 +470,10 @@ class EnergyCounter:
             spikes = _nonzeros_per_row(x)
             ops = weight_ops_on_spikes(module.out_features, spikes)
             reads = weight_reads_on_spikes(module.out_features, spikes)
+        elif _is_spike_counts(module, x):  # each counted spike adds one column, as a spike does
+            spikes = x.movedim(1, 0).reshape(rows, -1).sum(1, dtype=torch.float64).long()
+            ops = weight_ops_on_spikes(module.out_features, spikes)
+            reads = weight_reads_on_spikes(module.out_features, _nonzeros_per_row(x))  # a column per non-zero count
         else:
             vectors = x[:, 0].numel() // module.in_features
             ops = weight_ops_on_reals(module.out_features, module.in_features, vectors)

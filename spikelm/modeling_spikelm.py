@@ -10,7 +10,7 @@ RetNet's decayed linear attention (Sun et al. 2023):
     x = embedding(tokens), the same input current at each of the T steps
     x = x + Attn(SN(norm(x)))                   membrane shortcut: x stays real
     x = x + W2 . SN(W1 . SN(norm(x)))
-    logits = mean over t of W_head . SN(norm(x))[t]
+    logits = mean over t of W_head . SN(norm(x))[t] = W_head . (sum over t of SN(norm(x))[t]) / T
 
 Every weight matrix receives spikes (exactly 0 or 1). Attention is softmax-free
 and causal; its parallel form trains, its recurrent form generates with a
@@ -32,6 +32,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import PreTrainedModel
 
 from .configuration_spikelm import SpikeLMConfig
+from .event_driven import SpikeLinear
 from .neurons import QCFSActivation, SpikingNeuron, leak_logit
 
 # The parallel form runs over chunks of this many tokens, carrying the recurrent
@@ -362,20 +363,20 @@ class SpikeLMAttention(nn.Module):
         if isinstance(scale, list):
             scale = scale[layer_idx]
         self.scale = scale or self.kind.default_scale(self.head_dim)
-        self.q_proj = nn.Linear(D, D, bias=False)
+        self.q_proj = SpikeLinear(D, D)
         # K and V read the current token's spikes and, with token shift, the previous token's (a width-2 causal
         # convolution on spikes): [s_i ; s_{i-1}] -> [k ; v]
-        self.kv_proj = nn.Linear(2 * D if self.token_shift else D, 2 * D, bias=False)
+        self.kv_proj = SpikeLinear(2 * D if self.token_shift else D, 2 * D)
         self.q_neuron = make_neuron(config)
         self.k_neuron = make_neuron(config)
         self.v_neuron = make_neuron(config)
         self.readout_neuron = make_neuron(config)  # ssa: spikes from a; sdsa: thresholds the running mean
-        self.o_proj = nn.Linear(D, D, bias=False)
+        self.o_proj = SpikeLinear(D, D)
         self.fixed_decay = [float(g) for g in config.attention_decay]  # plain numbers unless learned or gated
         # gamma = sigmoid(w) keeps each decay in (0, 1); with a gate, w is the gate's bias. Set in _init_weights.
         learned = config.learn_decay or config.gated_decay
         self.decay_logit = nn.Parameter(torch.empty(H)) if learned else None
-        self.gate_proj = nn.Linear(D, H, bias=False) if config.gated_decay else None  # W_g
+        self.gate_proj = SpikeLinear(D, H) if config.gated_decay else None  # W_g
         self.counter = None  # set by spikelm.energy while counting
 
     def log_decays(self, spikes):
@@ -461,9 +462,9 @@ class SpikeLMMLP(nn.Module):
 
     def __init__(self, config: SpikeLMConfig):
         super().__init__()
-        self.fc_in = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.fc_in = SpikeLinear(config.hidden_size, config.intermediate_size)
         self.hidden_neuron = make_neuron(config)
-        self.fc_out = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.fc_out = SpikeLinear(config.intermediate_size, config.hidden_size)
 
     def forward(self, spikes):
         return self.fc_out(self.hidden_neuron(self.fc_in(spikes)))
@@ -620,7 +621,8 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
     def __init__(self, config: SpikeLMConfig):
         super().__init__(config)
         self.model = SpikeLMModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = SpikeLinear(config.hidden_size, config.vocab_size, counts=True)
+        self.lm_head.fed_spike_counts = config.neuron_type != "qcfs"  # for the energy count (see forward)
         self.counter = None  # set by spikelm.energy while counting
         self.post_init()
 
@@ -639,12 +641,11 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
         spikes = outputs.spikes
         if logits_to_keep:
             spikes = spikes[:, :, -logits_to_keep:]
-        # [B, N, V]: the mean over the T steps of the head fed each step's spikes, accumulated step by step so
-        # that a long prompt never holds T copies of its logits
-        logits = self.lm_head(spikes[:1])[0]
-        for t in range(1, spikes.shape[0]):
-            logits = logits + self.lm_head(spikes[t:t + 1])[0]
-        logits = logits / spikes.shape[0]
+        # [B, N, V]: the mean over the T steps of the head fed each step's spikes. The head is linear, so
+        # mean_t W s_t = W (sum_t s_t) / T: one matmul on the per-token spike counts (whole numbers 0..T, kept
+        # time-first as [1, B, N, D]) instead of T; each spike still adds one column of W (the same ACs)
+        counts = spikes.sum(0, keepdim=True)
+        logits = self.lm_head(counts)[0] / spikes.shape[0]
         if self.counter is not None:
             self.counter.head_average(self, logits)
         loss = None

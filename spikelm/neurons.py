@@ -23,6 +23,7 @@ Tests check that they agree (tests/test_neurons.py).
 
 import math
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -213,42 +214,71 @@ def lif_multistep(current, leak, threshold, reset="soft", surrogate="arctan", al
                   initial_membrane=0.0):
     """Multi-step LIF, fast path. current: [T, ...] -> spikes [T, ...], each exactly 0 or 1."""
     leak = _as_leak(leak, current)
+    eager = lambda: LIFMultiStep.apply(current, leak, threshold, reset, surrogate, alpha, detach_reset,  # noqa: E731
+                                       initial_membrane)
     if _use_compiled(current) and not leak.requires_grad:
-        return LIFMultiStepCompiled.apply(current, leak, threshold, reset, surrogate, alpha, detach_reset,
-                                          initial_membrane)
-    return LIFMultiStep.apply(current, leak, threshold, reset, surrogate, alpha, detach_reset, initial_membrane)
+        return _with_fallback(lambda: LIFMultiStepCompiled.apply(current, leak, threshold, reset, surrogate, alpha,
+                                                                 detach_reset, initial_membrane), eager)
+    return eager()
 
 
 def lif_inference(current, leak, threshold, reset="soft", initial_membrane=0.0):
     """Multi-step LIF without autograd: the same spikes as lif_multistep (tests/test_neurons.py). Eager: one
     membrane buffer updated in place; compiled: the T steps in one generated kernel."""
     leak = _as_leak(leak, current)
+
+    def eager():
+        membrane = torch.full_like(current[0], initial_membrane)
+        spikes = torch.empty_like(current)
+        for t in range(current.shape[0]):
+            lif_step(membrane, current[t], leak, threshold, reset == "soft", out=(membrane, spikes[t], membrane))
+        return spikes
+
     if _use_compiled(current):
-        return _kernel("inference")(current, leak, float(threshold), reset == "soft", float(initial_membrane))
-    membrane = torch.full_like(current[0], initial_membrane)
-    spikes = torch.empty_like(current)
-    for t in range(current.shape[0]):
-        lif_step(membrane, current[t], leak, threshold, reset == "soft", out=(membrane, spikes[t], membrane))
-    return spikes
+        return _with_fallback(lambda: _kernel("inference")(current, leak, float(threshold), reset == "soft",
+                                                           float(initial_membrane)), eager)
+    return eager()
 
 
 # ---------------------------------------------------------------- compiled path
 # The eager fast path makes ~14 passes over memory per step; torch.compile fuses each direction into one
-# generated loop (C++ on the CPU, Triton on GPUs), about 10x faster on a 4x2048x1024 tensor here. It costs a
-# compilation (tens of seconds on 2 cores, cached on disk afterwards), so it is opt-in: `spikelm train
-# --compile-neurons`, `spikelm.neurons.enable_compiled_kernels()`, or SPIKELM_COMPILE_NEURONS=1.
+# generated loop (C++ on the CPU, Triton on GPUs). It costs a compilation (tens of seconds on 2 cores, cached on
+# disk afterwards) and ~0.1 ms per call on a busy CPU, so by default it is used where it pays: populations of
+# at least COMPILED_MIN_ELEMENTS numbers (T x batch x tokens x width; one thread here, fwd+bwd of [4, N, 1024]:
+# even at 1M numbers, 4x faster at 4M), that is training steps and long prefills, never a decode step. Where
+# compilation fails (no C++ compiler, an unsupported platform) the eager path takes over, with one warning.
+# `enable_compiled_kernels(True/False)` or SPIKELM_COMPILE_NEURONS=1/0 force it on or off for every size.
 
-_compiled_kernels_enabled = os.environ.get("SPIKELM_COMPILE_NEURONS", "0") == "1"
+COMPILED_MIN_ELEMENTS = 2 ** 21
+_compiled_kernels_enabled = {"1": True, "0": False}.get(os.environ.get("SPIKELM_COMPILE_NEURONS", ""))  # None: auto
 _compiled = {}
+_compile_failed = False
 
 
-def enable_compiled_kernels(enabled: bool = True):
+def enable_compiled_kernels(enabled: bool | None = True):
+    """True: compiled kernels at every size; False: never; None: where they pay (the default)."""
     global _compiled_kernels_enabled
     _compiled_kernels_enabled = enabled
 
 
 def _use_compiled(current):
-    return _compiled_kernels_enabled
+    if _compile_failed or _compiled_kernels_enabled is False:
+        return False
+    return _compiled_kernels_enabled or current.numel() >= COMPILED_MIN_ELEMENTS
+
+
+def _with_fallback(compiled, eager):
+    """Run the compiled kernel; if compilation is unavailable here, warn once and use the eager path for good."""
+    global _compile_failed
+    try:
+        return compiled()
+    except Exception as error:  # torch._dynamo / inductor errors: no compiler, unsupported backend
+        if _compiled_kernels_enabled:
+            raise  # asked for explicitly: say why it cannot be had
+        warnings.warn(f"spikelm: compiled neuron kernels unavailable ({type(error).__name__}: {error}); "
+                      "using the eager path")
+        _compile_failed = True
+        return eager()
 
 
 def _lif_forward_kernel(current, leak, threshold: float, soft: bool, initial_membrane: float):

@@ -33,7 +33,7 @@ def test_quick_bench_writes_every_field(tmp_path, capsys):
     assert main(["bench", "--quick", "--threads", "1", "--output", str(out)]) == 0
     report = json.loads(out.read_text())
     assert set(report) == {"machine", "settings", "shape", "inference", "training", "energy", "neuron", "ratios",
-                           "command"}
+                           "command", "event_driven"}
     assert report["command"] == "spikelm bench --quick --attention-type ssa --threads 1"
     assert report["machine"]["torch_threads"] == 1
     assert {"cpu", "cpu_count", "torch", "transformers", "python", "date"} <= set(report["machine"])
@@ -76,7 +76,15 @@ def test_quick_bench_writes_every_field(tmp_path, capsys):
         expected |= {f"decode_time_spikelm_t{t}_ctx{high}_over_ctx{low}", f"training_tokens_per_s_spikelm_t{t}_over_gpt2",
                      f"energy_per_token_spikelm_t{t}_over_gpt2"}
         expected |= {f"decode_tokens_per_s_spikelm_t{t}_over_gpt2_ctx{c}" for c in settings["contexts"]}
+    expected |= {"event_driven_over_dense_decode_tokens_per_s", "event_driven_same_tokens_as_dense"}
     assert set(report["ratios"]) == expected
+    event = report["event_driven"]  # dense against event-driven decode, and the measured crossover
+    assert event["shape"] == QUICK["event_shape"] and positive(event["event_over_dense"])
+    assert all(positive(event[f"{name}_decode_tokens_per_s"]) for name in ("dense", "event_driven", "dense_again"))
+    assert len(event["dense_tokens"]) == decoded + 1 and 0 < event["firing_rate"] < 1
+    assert event["same_tokens"] == (event["dense_tokens"] == event["event_driven_tokens"])
+    assert {row["rate"] for row in event["crossover"]["rows"]} >= {0.05, 0.3}
+    assert all(positive(row["dense_us"]) and positive(row["event_us"]) for row in event["crossover"]["rows"])
     markdown = out.with_suffix(".md").read_text()
     assert "| spikelm T=4 | 512 |" in markdown and "SpikingJelly" in markdown
     page = results_page(bench=report)  # docs/results.md is rendered from the JSON alone

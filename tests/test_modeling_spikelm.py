@@ -25,8 +25,9 @@ def tiny_model(kind="ssa", dtype=torch.float32, **overrides):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_weight_matrix_receives_only_spikes(kind):
+    # Every weight matrix receives spikes (0 or 1); the head receives the per-token count of its input spikes.
     model = tiny_model(kind)
-    seen = []
+    seen, output_spikes, head_inputs = [], [], []
 
     def check(module, inputs, output):
         seen.append(bool(((inputs[0] == 0) | (inputs[0] == 1)).all()))
@@ -35,14 +36,22 @@ def test_every_weight_matrix_receives_only_spikes(kind):
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert len(linears) == 5 * model.config.num_hidden_layers + 1  # q, kv, o, fc_in, fc_out; head
     for m in linears:
-        m.register_forward_hook(check)
+        if m is not model.lm_head:
+            m.register_forward_hook(check)
+    model.model.output_neuron.register_forward_hook(lambda m, i, o: output_spikes.append(o))
+    model.lm_head.register_forward_hook(lambda m, i, o: head_inputs.append(i[0]))
     ids = torch.randint(0, 48, (2, 12))
     model(ids, use_cache=False)
     out = model(ids[:, :6])  # prefill, then one recurrent step
     model(ids[:, 6:7], cache=out.cache)
-    assert len(seen) >= 2 * 3 * len(linears)  # every matrix at every forward (the head once per step)
+    assert len(seen) >= 2 * 3 * (len(linears) - 1)  # every matrix at every forward
     assert all(seen[0::2]), "a weight matrix received a value that is not 0 or 1"
-    assert sum(seen[1::2]) >= len(linears), "too few spikes flowed for the check to mean anything"
+    assert sum(seen[1::2]) >= len(linears) - 1, "too few spikes flowed for the check to mean anything"
+    assert len(head_inputs) == len(output_spikes) == 3
+    for spikes, counts in zip(output_spikes, head_inputs):
+        assert ((spikes == 0) | (spikes == 1)).all()
+        assert torch.equal(counts, spikes.sum(0, keepdim=True))  # the count of each neuron's spikes, 0..T
+        assert counts.max() > 1, "no neuron fired twice: the count check would mean nothing"
 
 
 # ---------------------------------------------------------------- parallel == recurrent
@@ -430,3 +439,23 @@ def test_long_prefill_runs_in_chunks_with_the_same_logits():
         chunked = model(ids, use_cache=True)  # the stack chunk by chunk, state carried
     assert chunked.cache.get_seq_length() == ids.shape[1]
     assert (whole - chunked.logits).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["ssa", "sdsa"])
+def test_head_on_spike_counts_gives_the_logits_and_acs_of_T_heads(kind):
+    # The head is fed the per-token spike counts (one matmul) instead of each step's spikes (T matmuls):
+    # mean_t W s_t = W (sum_t s_t) / T. In float64 both are exact sums of float32 weights, so equal bit for bit.
+    from spikelm import count_energy
+
+    torch.manual_seed(0)
+    model = SpikeLMForCausalLM(tiny_config(kind, time_steps=4)).double().eval()
+    ids = torch.randint(0, 48, (2, 12))
+    with torch.no_grad(), count_energy(model) as counts_form:
+        logits = model(ids, use_cache=False).logits
+        spikes = model.model(ids, use_cache=False).spikes  # [T, B, N, D]
+    assert spikes.sum() > 0 and not torch.equal(spikes[0], spikes[1])  # the T steps differ: a real test
+    with torch.no_grad(), count_energy(model) as steps_form:
+        per_step = [model.lm_head(spikes[t:t + 1])[0] for t in range(spikes.shape[0])]
+    assert torch.equal(logits, torch.stack(per_step).mean(0))
+    head = ("head", "weights")
+    assert counts_form.ac[head] == steps_form.ac[head] == 48 * int(spikes.sum())

@@ -92,7 +92,7 @@ def test_compiled_kernels_equal_the_eager_path():
                     inferred = neurons.lif_inference(current, 0.6, 1.0, reset)
                 results.append((spikes, x.grad, inferred))
         finally:
-            neurons.enable_compiled_kernels(False)
+            neurons.enable_compiled_kernels(None)
     assert set(neurons._compiled) >= {"forward", "backward", "inference"}  # the compiled kernels did run
     for (s1, g1, i1), (s2, g2, i2) in zip(results[:2], results[2:]):
         assert torch.equal(s1, s2)
@@ -122,3 +122,28 @@ def test_in_place_derivative_leaves_its_input_alone_out_of_place(name):
     assert torch.equal(x, kept)
     assert torch.equal(SURROGATE_DERIVATIVES_[name](x, 2.0), derivative)  # in place: x now holds g'(x)
     assert torch.equal(x, derivative)
+
+
+def test_compiled_kernels_by_default_only_where_they_pay_with_an_eager_fallback(monkeypatch):
+    from spikelm import neurons
+
+    small = torch.randn(4, 3, 50)
+    assert not neurons._use_compiled(small)  # a decode step's or a tiny model's population: eager
+    assert neurons._use_compiled(torch.empty(4, neurons.COMPILED_MIN_ELEMENTS // 4))  # a training step's
+    # where compilation fails, the eager path gives the same spikes and gradients, with a warning
+    monkeypatch.setattr(neurons, "COMPILED_MIN_ELEMENTS", 100)
+    monkeypatch.setattr(neurons, "_compile_failed", False)  # put back as it was after the test
+
+    def broken(name):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(neurons, "_kernel", broken)
+    x = (small * 2).requires_grad_()
+    with pytest.warns(UserWarning, match="compiled neuron kernels unavailable"):
+        spikes = lif_multistep(x, 0.5, 1.0)
+    spikes.sum().backward()
+    assert neurons._compile_failed and not neurons._use_compiled(small)
+    reference = (small * 2).requires_grad_()
+    expected = lif_reference(reference, torch.tensor(0.5), 1.0)
+    expected.sum().backward()
+    assert torch.equal(spikes, expected) and torch.allclose(x.grad, reference.grad, atol=1e-6)

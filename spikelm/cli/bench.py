@@ -34,6 +34,7 @@ def add_arguments(parser):
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--compile-neurons", action="store_true",
                         help="spikelm with the compiled neuron kernels (torch.compile; adds compilation time)")
+    parser.add_argument("--device", default=None, help="cpu (default) or cuda: the models, data and timings there")
     parser.add_argument("--output", default="runs/bench.json", help="JSON file; the Markdown goes beside it (.md)")
 
 
@@ -72,6 +73,12 @@ def settings_from_args(args):
     settings["attention_type"] = args.attention_type
     settings["dtype"] = "float32"
     settings["compile_neurons"] = args.compile_neurons
+    settings["device"] = args.device or "cpu"
+    if settings["device"].startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SpikeLMError("--device cuda: no CUDA device is available here (torch.cuda.is_available() is False)")
     return settings
 
 

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser):
                         help="for chat requests that name none")
     parser.add_argument("--max-body-bytes", type=int, default=d("max_body_bytes"))
     parser.add_argument("--dtype", choices=["float64", "float32"], default=d("dtype"),
-                        help="float64 (default) keeps each sequence's output independent of the batch")
+                        help="float32 (default) or float64; both keep each sequence's output independent of the batch")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the engine")
     parser.add_argument("--step-tokens", type=int, default=d("step_tokens"),
                         help="tokens one engine step may process: decode rows plus prompt chunks")

@@ -38,7 +38,7 @@ def add_arguments(parser):
                             "by the same pipeline (the ANN reference and default distillation teacher)")
     model.add_argument("--attention-type", choices=("ssa", "sdsa"), default=None)
     model.add_argument("--compile-neurons", action="store_true",
-                       help="fuse the neuron loops with torch.compile (faster steps after a one-off compilation)")
+                       help="compiled neuron kernels at every size (by default only where they pay)")
     model.add_argument("--time-steps", type=int, default=None)
     model.add_argument("--spike-rate-target", type=float, default=None,
                        help="penalise neuron populations firing above this rate (spikes per neuron and step): "

@@ -17,13 +17,12 @@ How a request flows:
 
 Determinism. A spike is a threshold: a rounding difference of one ulp can flip it, and a flipped spike changes
 everything after it. Matrix kernels sum in an order that depends on the batch size (a matrix-vector product
-for one row, blocked matrix products for many), so in float32 a sequence's numbers would depend on what else
-is in the batch. The engine therefore runs its copy of the model in float64 (the default `dtype`): every
-weight matrix in spikelm is fed spikes (0 or 1), so each output is a sum of float32 weights, which float64
-holds exactly (24-bit mantissas, well inside 53 bits) whatever the order; norms, neurons and the attention
-update work row by row. A sequence then gets the same numbers alone or in a batch of 32
-(tests/serving/test_app.py checks it), and the same greedy tokens with and without the prefix cache
-(tests/serving/test_engine.py).
+for one row, blocked matrix products for many), so with them a float32 sequence's numbers would depend on what
+else is in the batch. The engine therefore switches its model's spike-fed matrices to the event-driven
+gather-sum (`spikelm.event_driven.set_batch_invariant`): each output row adds the weight rows of its own firing
+inputs one by one, in input order, whatever the other rows are; norms, neurons and the attention update work
+row by row. A sequence then gets the same numbers alone or in a batch of 32, in float32 (the default) or
+float64 (tests/serving/test_app.py checks it).
 
 Energy. spikelm.energy's counter keeps every count per batch row, so a sequence's counts in a batched step
 equal what count_energy counts for that sequence alone (tests/serving/test_engine.py checks it). The prompt is
@@ -42,6 +41,7 @@ import torch
 
 from ..energy import (E_AC_PJ, E_MAC_PJ, EnergyCounter, EnergyCounts, Prices, count_energy, gpt2_reference_counts,
                       summarise)
+from ..event_driven import set_batch_invariant
 from .prefix_cache import PrefixStateCache
 
 logger = logging.getLogger("spikelm.serving")
@@ -70,7 +70,7 @@ class SamplingParams:
 
 
 def sample_next(logits, params: SamplingParams, generator) -> int:
-    """One token id from logits [V] (float64) with the sequence's own generator."""
+    """One token id from logits [V] with the sequence's own generator."""
     if params.logit_bias:
         ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
         logits = logits.index_add(0, ids, torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype))
@@ -215,10 +215,11 @@ class Engine:
     prefix_cache_bytes: the budget of the prefix-state cache (0: no cache).
     """
 
-    def __init__(self, model, tokenizer, max_batch=32, max_queue=64, dtype=torch.float64, threads=None,
+    def __init__(self, model, tokenizer, max_batch=32, max_queue=64, dtype=torch.float32, threads=None,
                  e_ac_pj=E_AC_PJ, e_mac_pj=E_MAC_PJ, step_tokens=64, min_prefill_chunk=16,
                  idle_prefill_tokens=2048, prefix_cache_bytes=64 * 2**20):
         self.model = model.to(dtype).eval()
+        set_batch_invariant(self.model)  # per-row sums in a fixed order: batch neighbours change nothing
         self.tokenizer = tokenizer
         self.config = model.config
         self.max_batch = max_batch

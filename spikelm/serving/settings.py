@@ -24,8 +24,8 @@ class ServeSettings:
     max_tokens: int = 512  # most tokens one request may generate
     default_max_tokens: int = 128  # for chat requests that name no max_tokens
     max_body_bytes: int = 1_000_000
-    # float64: a sequence's numbers do not depend on what else is in the batch (see engine.py)
-    dtype: str = "float64"
+    # either way a sequence's numbers do not depend on what else is in the batch (see engine.py)
+    dtype: str = "float32"
     threads: int | None = None  # torch intra-op threads; None: torch's default
     e_ac_pj: float = E_AC_PJ  # energy of one accumulate (spikelm.energy)
     e_mac_pj: float = E_MAC_PJ  # energy of one multiply-accumulate

@@ -149,6 +149,16 @@ def test_page_is_served_without_a_key_and_loads_nothing_from_elsewhere(server):
     assert missing.status_code == 404 and "error" in missing.json()
 
 
+def test_page_follows_the_api_host_rule(server):
+    """A page on another site whose name a browser resolves to this server (DNS rebinding) gets neither the
+    page nor its script: the same Host check as the API."""
+    port = server.rsplit(":", 1)[1]
+    for path in ("/", "/static/playground.js"):
+        rebound = httpx.get(server + path, headers={"Host": f"attacker.example:{port}"}, timeout=10)
+        assert rebound.status_code == 400 and rebound.json()["error"]["code"] == "invalid_host", path
+        assert httpx.get(server + path, headers={"Host": f"localhost:{port}"}, timeout=10).status_code == 200
+
+
 # ================================================================ in the browser
 
 

@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+from spikelm import SpikeLMForCausalLM
+from spikelm import event_driven
+from spikelm.event_driven import SpikeLinear, event_driven_matmul
+from conftest import tiny_config
+
+
+def spikes(*shape, rate=0.1, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.rand(*shape, generator=generator) < rate).float()
+
+
+@pytest.mark.parametrize("counts", [False, True])
+def test_gather_sum_equals_the_dense_matmul(counts):
+    torch.manual_seed(0)
+    weight = torch.randn(96, 200)  # [out, in], float32 weights
+    x = spikes(4, 3, 200, rate=0.2)
+    if counts:  # whole-number spike counts 0..4, as the LM head gets them
+        x = spikes(4, 3, 200, rate=0.3, seed=1) + spikes(4, 3, 200, rate=0.3, seed=2) * 3
+    dense64 = x.double() @ weight.double().t()
+    event64 = event_driven_matmul(x.double(), weight.double().t().contiguous(), counts=counts)
+    assert torch.equal(event64, dense64)  # float64: sums of float32 weights are exact in any order
+    event32 = event_driven_matmul(x, weight.t().contiguous(), counts=counts)
+    assert torch.allclose(event32, x @ weight.t(), rtol=0, atol=1e-4)  # float32: rounding only
+    assert event32.shape == (4, 3, 96) and event32.abs().sum() > 0
+
+
+def test_spike_linear_takes_the_event_path_only_when_sparse_and_not_training():
+    torch.manual_seed(0)
+    layer = SpikeLinear(300, 50).double()
+    calls = []
+    original = event_driven._gather_sum
+    event_driven._gather_sum = lambda *args: calls.append(1) or original(*args)
+    try:
+        sparse, dense = spikes(4, 1, 300, rate=0.05).double(), spikes(4, 1, 300, rate=0.6).double()
+        with torch.no_grad():
+            assert torch.equal(layer(sparse), sparse @ layer.weight.t())
+            assert len(calls) == 1
+            assert torch.equal(layer(dense), dense @ layer.weight.t())
+            assert len(calls) == 1  # above the crossover rate: dense
+        out = layer(sparse.requires_grad_())  # autograd on: dense, with gradients
+        out.sum().backward()
+        assert len(calls) == 1 and layer.weight.grad is not None
+        with torch.no_grad():  # the transposed copy follows the weight when it changes
+            layer.weight.mul_(2)
+            assert torch.equal(layer(sparse.detach()), sparse.detach() @ layer.weight.t())
+        assert len(calls) == 2
+    finally:
+        event_driven._gather_sum = original
+
+
+@pytest.mark.parametrize("kind", ["ssa", "sdsa"])
+def test_generation_event_driven_equals_dense(kind):
+    # float64: the same logits bit for bit; float32: the same tokens here, logits within rounding
+    torch.manual_seed(0)
+    model = SpikeLMForCausalLM(tiny_config(kind, hidden_size=64, intermediate_size=128)).eval()
+    ids = torch.randint(0, 48, (1, 10))
+    for dtype in (torch.float64, torch.float32):
+        model = model.to(dtype)
+        results = []
+        for enabled in (True, False):
+            event_driven.set_event_driven(model, enabled)
+            calls = []
+            original = event_driven._gather_sum
+            event_driven._gather_sum = lambda *args: calls.append(1) or original(*args)
+            try:
+                with torch.no_grad():
+                    out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                                         output_logits=True, return_dict_in_generate=True)
+            finally:
+                event_driven._gather_sum = original
+            assert (len(calls) > 0) == enabled  # the event-driven path did run (only) when enabled
+            results.append((out.sequences, torch.stack(out.logits)))
+        event_driven.set_event_driven(model, True)
+        (tokens_event, logits_event), (tokens_dense, logits_dense) = results
+        assert torch.equal(tokens_event, tokens_dense)
+        if dtype == torch.float64:
+            assert torch.equal(logits_event, logits_dense)
+        else:
+            assert torch.allclose(logits_event, logits_dense, rtol=0, atol=1e-4)
+
+
+def test_batch_invariant_float32_a_row_alone_equals_it_in_a_batch_of_32():
+    torch.manual_seed(0)
+    model = SpikeLMForCausalLM(tiny_config("ssa", hidden_size=64, intermediate_size=128)).eval()
+    ids = torch.randint(0, 48, (32, 6))
+    event_driven.set_batch_invariant(model, True)
+    with torch.no_grad():
+        batch = model(ids, use_cache=True)
+        batch_step = model(ids[:, :1], cache=batch.cache, use_cache=True).logits
+        for row in (0, 7, 31):
+            alone = model(ids[row:row + 1], use_cache=True)
+            alone_step = model(ids[row:row + 1, :1], cache=alone.cache, use_cache=True).logits
+            assert torch.equal(alone.logits[0], batch.logits[row])
+            assert torch.equal(alone_step[0], batch_step[row])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_event_driven_and_compiled_neurons_equal_the_cpu():
+    from spikelm import neurons
+
+    torch.manual_seed(0)
+    model = SpikeLMForCausalLM(tiny_config("ssa", hidden_size=64, intermediate_size=128)).double().eval()
+    ids = torch.randint(0, 48, (1, 10))
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        model = model.cuda()
+        event_driven.set_batch_invariant(model, True)  # every matrix through the gather-sum on the GPU
+        neurons.enable_compiled_kernels(True)
+        try:
+            got = model.generate(ids.cuda(), max_new_tokens=8, do_sample=False, pad_token_id=0)
+        finally:
+            neurons.enable_compiled_kernels(None)
+    assert torch.equal(got.cpu(), expected)  # float64: the same sums whatever the device and order
