@@ -519,7 +519,9 @@ class EnergyCounter:
     def head_average(self, module, logits):  # logits [B, n, V]
         rows, kept, vocab = logits.shape
         self.add("head", "weights", head_average_ops(vocab, kept), rows)
-        self.add_traffic("head", "weights", rows, state=head_average_traffic(module.config.time_steps, vocab, kept))
+        # a head fed each token's spike counts sums nothing over the steps; one fed each step keeps a running sum
+        steps = 1 if getattr(module.lm_head, "fed_spike_counts", False) else module.config.time_steps
+        self.add_traffic("head", "weights", rows, state=head_average_traffic(steps, vocab, kept))
         self._add(("logits", None, None), self._mask[:, -kept:].sum(1), rows)
 
     def model(self, module, args, kwargs, output):

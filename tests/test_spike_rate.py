@@ -24,9 +24,9 @@ def test_training_forwards_add_the_penalty_of_the_chosen_populations_and_evaluat
     rates = {}
     handles = [m.register_forward_hook(lambda m, i, o, name=name: rates.__setitem__(name, float(o.detach().mean())))
                for name, m in model.named_modules() if isinstance(m, SpikingNeuron)]
-    plain = float(model(input_ids=ids, labels=ids).loss)
+    plain = model(input_ids=ids, labels=ids).loss.item()
     regulariser = SpikeRateRegulariser(target=0.01, weight=3.0, populations=["mlp.hidden_neuron"]).attach(model)
-    penalised = float(model(input_ids=ids, labels=ids).loss)
+    penalised = model(input_ids=ids, labels=ids).loss.item()
     chosen = [rate for name, rate in rates.items() if "mlp.hidden_neuron" in name]
     assert len(chosen) == 2  # one per layer
     assert penalised == pytest.approx(plain + 3.0 * sum(max(0.0, r - 0.01) for r in chosen) / 2, rel=1e-5)
