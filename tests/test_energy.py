@@ -313,8 +313,10 @@ def test_memory_traffic_equals_an_independent_recount_from_hooks_and_the_state(k
     config = tiny_config(kind)
     model = SpikeLMForCausalLM(config).eval()
     weight_reads, neuron_steps = [], []
-    handles = [m.register_forward_hook(lambda m, i, o: weight_reads.append(m.out_features * int((i[0] == 1).sum())))
-               for m in model.modules() if isinstance(m, nn.Linear)]
+    # a spike-fed matrix reads a column per input spike; the head, fed per-token spike counts, per counted spike
+    handles = [m.register_forward_hook(lambda m, i, o: weight_reads.append(
+        m.out_features * int(i[0].sum() if m is model.lm_head else (i[0] == 1).sum())))
+        for m in model.modules() if isinstance(m, nn.Linear)]
     handles += [m.register_forward_hook(lambda m, i, o: neuron_steps.append(o.numel()))
                 for m in model.modules() if isinstance(m, SpikingNeuron)]
     B, N = 2, 9
