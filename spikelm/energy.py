@@ -473,7 +473,7 @@ class EnergyCounter:
         elif _is_spike_counts(module, x):  # each counted spike adds one column, as a spike does
             spikes = x.movedim(1, 0).reshape(rows, -1).sum(1, dtype=torch.float64).long()
             ops = weight_ops_on_spikes(module.out_features, spikes)
-            reads = weight_reads_on_spikes(module.out_features, spikes)  # a column per spike, as counted before
+            reads = weight_reads_on_spikes(module.out_features, _nonzeros_per_row(x))  # a column per non-zero count
         else:
             vectors = x[:, 0].numel() // module.in_features
             ops = weight_ops_on_reals(module.out_features, module.in_features, vectors)
