@@ -85,6 +85,7 @@ def sample_next(logits, params: SamplingParams, generator) -> int:
         cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
         # drop a token when the tokens before it already reach top_p (the first token always stays)
         drop = (cumulative - torch.softmax(sorted_logits, -1)) >= params.top_p
+        drop[0] = False  # rounding can push the first one's "before" above a tiny top_p: it stays regardless
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     probs = torch.softmax(logits, -1)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -104,3 +104,13 @@ def test_sampling():
     assert set(draws) == {1, 2}  # top-k 2 keeps only the two best
     again = [sample_next(logits, SamplingParams(top_k=2), torch.Generator().manual_seed(s)) for s in range(40)]
     assert draws == again
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_vanishing_top_p_keeps_the_most_likely_token(dtype):
+    # in float32 the first token's "probability before it" rounds above 5e-324: all were dropped, and
+    # multinomial raised (a 500 that the schema fuzz run found)
+    logits = torch.randn(50, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    for seed in range(5):
+        assert sample_next(logits, SamplingParams(top_p=5e-324), torch.Generator().manual_seed(seed)) == \
+            int(torch.argmax(logits))
