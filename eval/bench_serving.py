@@ -3,7 +3,7 @@ against one sequence at a time (a `--max-batch 1` server). Writes JSON, prints f
 
     python eval/bench_serving.py --model runs/quickstart --out runs/bench_serving.json
 
-For each server mode (a batched engine, and `--max-batch 1`), start `spikelm serve` in a subprocess, then
+For each server mode (a batched engine, and `--max-batch 1`), start the server in a subprocess, then
 for each concurrency level run that many streaming clients, each sending requests back to back, and measure
 generated tokens per second over the level's wall time, request latency (p50, p99) and time to first token.
 Needs httpx (`pip install httpx`, in the dev extra).
@@ -13,60 +13,21 @@ Needs httpx (`pip install httpx`, in the dev extra).
 import argparse
 import asyncio
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
 
+from serving_pressure import Server  # eval/serving_pressure.py: the real server in a subprocess
 from spikelm.errors import SpikeLMError
 from spikelm.loading import require_saved_model
-
-
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _percentile(values, q):
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
-
-
-class ServerProcess:
-    def __init__(self, model, max_batch, threads=None, extra=()):
-        self.port = _free_port()
-        command = [sys.executable, "-m", "spikelm.cli", "serve", "--model", model, "--port", str(self.port),
-                   "--max-batch", str(max_batch), "--max-queue", "256", "--max-tokens", "4096",
-                   "--log-level", "warning", *extra]
-        if threads:
-            command += ["--threads", str(threads)]
-        self.process = subprocess.Popen(command, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
-        self.base = f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self):
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited with code {self.process.returncode}")
-            try:
-                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                time.sleep(0.2)
-        raise RuntimeError("the server did not start in 120 s")
-
-    def __exit__(self, *exc):
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
 
 
 async def _one_request(client, base, prompt, max_tokens):
@@ -114,7 +75,7 @@ def run_benchmark(model, concurrency=(1, 8, 32), max_tokens=64, requests_per_lev
     report = {"settings": {"model": model, "concurrency": list(concurrency), "max_tokens": max_tokens,
                            "max_batch": max_batch, "threads": threads, "dtype": dtype}}
     for mode, batch in (("batched", max_batch), ("one_at_a_time", 1)):
-        with ServerProcess(model, batch, threads, extra=("--dtype", dtype)) as server:
+        with Server(model, max_batch=batch, max_queue=256, max_tokens=4096, threads=threads, dtype=dtype) as server:
             asyncio.run(_level(server.base, 1, 2, 4))  # warm up
             levels = []
             for c in concurrency:

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_serving import ServerProcess  # eval/bench_serving.py: `spikelm serve` in a subprocess
+from serving_pressure import Server  # eval/serving_pressure.py: the real server in a subprocess
 
 from spikelm.errors import SpikeLMError
 from spikelm.loading import require_saved_model
@@ -50,7 +50,7 @@ def main() -> int:
     from selenium.webdriver.common.action_chains import ActionChains
 
     profile = tempfile.mkdtemp(prefix="spikelm-chromium-")
-    with ServerProcess(args.model, max_batch=4, threads=1) as server:
+    with Server(args.model, max_batch=4, threads=1) as server:
         driver = chromium(profile)
         try:
             driver.get(server.base + "/")
