@@ -145,10 +145,10 @@ def sdsa_ops(time_steps: int, heads: int, width: int, tokens: int, coincidences:
 def gate_ops(time_steps: int, heads: int, tokens: int) -> tuple[int, int]:
     """A gated decay g = sigmoid(W_g s + b), per head and token, beyond W_g's own ACs (a weight matrix fed
     spikes): summing its T steps (T - 1 ACs), the 1/T of the mean (1 MAC), the bias (1 AC), the sigmoid
-    1 / (1 + exp(-x)) (exp and reciprocal: 2 MACs, + 1: 1 AC). Multiplying the state and the decay sum by g
-    costs what a fixed decay does (ssa_ops, sdsa_ops)."""
+    1 / (1 + exp(-x)) (exp: 1 MAC, + 1: 1 AC, the reciprocal: RECIPROCAL_MACS). Multiplying the state and the
+    decay sum by g costs what a fixed decay does (ssa_ops, sdsa_ops)."""
     per = tokens * heads
-    return per * (time_steps - 1 + 1 + 1), per * (1 + 2)
+    return per * (time_steps - 1 + 1 + 1), per * (1 + 1 + RECIPROCAL_MACS)
 
 
 def head_average_ops(vocab_size: int, tokens: int) -> tuple[int, int]:

@@ -92,7 +92,8 @@ def test_counts_equal_hand_computed_values():
 def test_gated_decay_adds_its_gate_and_nothing_else():
     """The hand model with a gate g = sigmoid(W_g s + b) (W_g zeroed like the other matrices): W_g [1 x 4] reads
     the attention neuron's 2 spikes per token (1 AC each); per head and token the gate adds T - 1 = 1 AC to sum
-    the steps, 1 MAC for 1/T, 1 AC for the bias, 2 MACs and 1 AC for the sigmoid."""
+    the steps, 1 MAC for 1/T, 1 AC for the bias, and for the sigmoid 1 MAC (exp), 1 AC (+ 1) and the
+    reciprocal's 4 MACs (Newton-Raphson, as 1/z)."""
     fixed = energy_report(hand_model(), torch.zeros(1, 2, dtype=torch.long))
     gated = energy_report(hand_model(gated_decay=True), torch.zeros(1, 2, dtype=torch.long))
     rows = lambda report: {(r["layer"], r["kind"]): r for r in report["rows"]}  # noqa: E731
@@ -101,9 +102,9 @@ def test_gated_decay_adds_its_gate_and_nothing_else():
     assert gated_rows[("layers.0", "weights")]["ac"] * tokens == fixed_rows[("layers.0", "weights")]["ac"] * tokens + 4
     assert gated_rows[("layers.0", "attention")]["ac"] * tokens == 4 + 16 + tokens * 3
     # the fixed decay's 46 MACs a token (1/z by Newton-Raphson: 4 MACs, see test_counts_equal_hand_computed_values)
-    assert gated_rows[("layers.0", "attention")]["mac"] * tokens == 2 * (32 + 1 + 4 + 1 + 8) + tokens * 3
+    assert gated_rows[("layers.0", "attention")]["mac"] * tokens == 2 * (32 + 1 + 4 + 1 + 8) + tokens * 6
     assert gated["ac_per_token"] * tokens == 436 + 4 + 6
-    assert gated["mac_per_token"] * tokens == 494 + 6  # 494: the fixed model's MACs (test_counts_...)
+    assert gated["mac_per_token"] * tokens == 494 + 12  # 494: the fixed model's MACs (test_counts_...)
 
 
 def test_rules():
