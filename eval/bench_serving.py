@@ -6,6 +6,9 @@ against one sequence at a time (a `--max-batch 1` server). Writes JSON, prints f
 For each server mode (a batched engine, and `--max-batch 1`), start the server in a subprocess, then
 for each concurrency level run that many streaming clients, each sending requests back to back, and measure
 generated tokens per second over the level's wall time, request latency (p50, p99) and time to first token.
+Beside them, the same model's decode rate through plain `generate()` in this process (greedy, batch 1, the same
+threads: what `spikelm bench` measures), and the ratios issue 13 asks for: one stream's tokens/s over that
+rate, and 32 streams' total over one stream's.
 Needs httpx (`pip install httpx`, in the dev extra).
 """
 
@@ -69,11 +72,31 @@ async def _level(base, concurrency, requests, max_tokens):
             "ttft_p99_s": _percentile(ttfts, 99)}
 
 
+def generate_rate(model_dir, prompt, max_tokens, threads, dtype):
+    """Decode tokens/s of the model through plain generate() in this process (median step, spikelm.benchmark)."""
+    import torch
+
+    from spikelm.benchmark import generate_decode_s
+    from spikelm.loading import load_model, load_tokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    model = load_model(model_dir).to(getattr(torch, dtype)).eval()
+    ids = torch.tensor([load_tokenizer(model_dir)(prompt)["input_ids"]])
+    with torch.no_grad():
+        seconds, _ = generate_decode_s(model, ids, {"warmup": 2, "decode_tokens": max(1, max_tokens - 3)})
+    return 1.0 / seconds
+
+
 def run_benchmark(model, concurrency=(1, 8, 32), max_tokens=64, requests_per_level=None, max_batch=32,
-                  threads=None, dtype="float64", log=print):
-    """Returns {"batched": [level...], "one_at_a_time": [level...], "settings": {...}}."""
+                  threads=None, dtype="float32", log=print):
+    """Returns {"batched": [level...], "one_at_a_time": [level...], "generate_tokens_per_s", "ratios",
+    "settings": {...}}."""
     report = {"settings": {"model": model, "concurrency": list(concurrency), "max_tokens": max_tokens,
                            "max_batch": max_batch, "threads": threads, "dtype": dtype}}
+    report["generate_tokens_per_s"] = generate_rate(model, "Request 0: to be, or not to be", max_tokens, threads,
+                                                    dtype)
+    log(f"{'generate()':>14}  in process, batch 1: {report['generate_tokens_per_s']:8.1f} tokens/s")
     for mode, batch in (("batched", max_batch), ("one_at_a_time", 1)):
         with Server(model, max_batch=batch, max_queue=256, max_tokens=4096, threads=threads, dtype=dtype) as server:
             asyncio.run(_level(server.base, 1, 2, 4))  # warm up
@@ -86,6 +109,12 @@ def run_benchmark(model, concurrency=(1, 8, 32), max_tokens=64, requests_per_lev
                     f"latency p50 {level['latency_p50_s']:6.2f} s  p99 {level['latency_p99_s']:6.2f} s  "
                     f"ttft p50 {level['ttft_p50_s']:6.3f} s")
             report[mode] = levels
+    by_clients = {level["concurrency"]: level["tokens_per_s"] for level in report["batched"]}
+    report["ratios"] = {}
+    if 1 in by_clients:
+        report["ratios"]["one_stream_over_generate"] = by_clients[1] / report["generate_tokens_per_s"]
+        report["ratios"].update({f"streams{c}_over_one_stream": by_clients[c] / by_clients[1]
+                                 for c in by_clients if c != 1})
     return report
 
 
@@ -97,7 +126,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=None, help="requests per level (default 2 x clients, >= 8)")
     parser.add_argument("--max-batch", type=int, default=32, help="the batched server's limit")
     parser.add_argument("--threads", type=int, default=None, help="torch threads of each server")
-    parser.add_argument("--dtype", choices=["float64", "float32"], default="float64")
+    parser.add_argument("--dtype", choices=["float64", "float32"], default="float32",
+                        help="the server's (float32: its batch-invariant default)")
     parser.add_argument("--out", default="runs/bench_serving.json")
     args = parser.parse_args()
     require_saved_model(args.model)  # run the quickstart first, or pass --model
@@ -108,6 +138,8 @@ def main() -> int:
     for batched, single in zip(report["batched"], report["one_at_a_time"]):
         print(f"clients {batched['concurrency']:>3}: batched {batched['tokens_per_s']:.1f} tokens/s vs "
               f"one at a time {single['tokens_per_s']:.1f} ({batched['tokens_per_s'] / single['tokens_per_s']:.1f}x)")
+    for name, value in report["ratios"].items():
+        print(f"{name}: {value:.2f}")
     print(f"wrote {args.out}")
     return 0
 

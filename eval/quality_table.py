@@ -11,6 +11,9 @@ half of it), so spikelm's unbounded recurrent context gives it no edge. Rows:
     ANN twin                                  spikelm.references.relu_twin_config of the headline model
     T=1, T=4                                  the headline model at other time steps
     attention zeroed                          the headline model with its attention branch's output zeroed
+    distilled (with --teacher-steps N)        the headline model trained against the GPT-2 matched run of the
+                                              same seed at N steps (a teacher trained longer than the student),
+                                              loss (1-alpha) CE + alpha tau^2 KL, at the headline's learning rate
 
 Writes results.json (every run, every curve point), quality.md (mean +- std over seeds, ratios to GPT-2
 paired by seed) and quality.png (held-out bits per byte against training tokens, shaded by the seed spread)
@@ -90,6 +93,8 @@ def build(row: str, preset_name: str, tokenizer, block_size: int, headline_gated
     from spikelm import SpikeLMForCausalLM
     from spikelm.references import config_fields, matched_gpt2_config, relu_twin_config
 
+    if row.endswith(" distilled"):  # the same model as the plain row (and the same initial weights)
+        return build(row.removesuffix(" distilled"), preset_name, tokenizer, block_size, headline_gated)
     if row in ("spikelm", "spikelm gated"):
         return SpikeLMForCausalLM(base_config(preset_name, tokenizer, gated=row == "spikelm gated"))
     headline = base_config(preset_name, tokenizer, headline_gated)
@@ -142,7 +147,8 @@ def held_out_bits_per_byte(model, ids, text_bytes, window, batch=32):
 
 
 def run_path(job) -> Path:
-    name = f"{job['row'].replace(' ', '_')}-lr{job['lr']:g}-seed{job['seed']}-{job['steps']}.json"
+    teacher = f"-teacher{job['teacher_steps']}" if job.get("teacher_steps") else ""
+    name = f"{job['row'].replace(' ', '_')}-lr{job['lr']:g}-seed{job['seed']}-{job['steps']}{teacher}.json"
     return Path(job["output"]) / "runs" / name
 
 
@@ -167,6 +173,11 @@ def run_one(job):
     model = build(job["row"], job["preset"], tokenizer, job["block_size"], job["headline_gated"])
     model.train()
     # the same blocks in the same order for every model at this seed
+    teacher = None
+    if job.get("teacher_run"):  # the GPT-2 matched run of this seed, trained longer: frozen
+        teacher = build("GPT-2 matched", job["preset"], tokenizer, job["block_size"], job["headline_gated"])
+        teacher.load_state_dict(torch.load(Path(job["teacher_run"]).with_suffix(".pt")))
+        teacher.eval().requires_grad_(False)
     order = torch.cat([torch.randperm(len(train), generator=torch.Generator().manual_seed(job["seed"] * 1000 + e))
                        for e in range(math.ceil(job["steps"] * job["batch_size"] / len(train)) + 1)])
     optimizer = torch.optim.AdamW(model.parameters(), lr=job["lr"], betas=(0.9, 0.95), weight_decay=0.01)
@@ -176,7 +187,15 @@ def run_one(job):
     started = time.time()
     for step in range(1, job["steps"] + 1):
         batch = train[order[(step - 1) * job["batch_size"]:step * job["batch_size"]]]
-        loss = model(input_ids=batch, labels=batch).loss
+        if teacher is None:
+            loss = model(input_ids=batch, labels=batch).loss
+        else:
+            from spikelm.distillation import distillation_loss
+
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=batch).logits
+            loss = distillation_loss(model(input_ids=batch).logits, teacher_logits, batch, job["alpha"],
+                                     job["temperature"])
         if not torch.isfinite(loss):  # a diverged run scores what it scores: infinity
             curve.append((step * batch.numel(), float("inf")))
             break
@@ -191,6 +210,8 @@ def run_one(job):
     result = {**job, "parameters": parameters(model), "curve": curve, "bits_per_byte": curve[-1][1],
               "train_seconds": time.time() - started}
     path.parent.mkdir(parents=True, exist_ok=True)
+    if job["row"] == "GPT-2 matched":  # a teacher for the distilled row
+        torch.save(model.state_dict(), path.with_suffix(".pt"))
     path.write_text(json.dumps(result) + "\n")
     print(f"{job['row']:>30} lr {job['lr']:g} seed {job['seed']} {job['steps']} steps: "
           f"{result['bits_per_byte']:.4f} bits/byte ({result['train_seconds']:.0f} s)", flush=True)
@@ -307,6 +328,13 @@ def main(argv=None):
                         help="write the table from the runs finished so far (rows missing a seed show fewer)")
     parser.add_argument("--headline", choices=("fixed", "gated"), default="gated",
                         help="the spikelm row whose T ablation, ANN twin and zeroed attention the table shows")
+    parser.add_argument("--teacher-steps", type=int, default=None,
+                        help="add the distilled row: the headline model taught by the GPT-2 matched run of the same "
+                             "seed at this many steps (run first if it is not among --steps)")
+    parser.add_argument("--distill-steps", type=int, nargs="+", default=None,
+                        help="the budgets of the distilled row (default: the --steps below --teacher-steps)")
+    parser.add_argument("--alpha", type=float, default=0.5, help="distillation: weight of the KL term")
+    parser.add_argument("--temperature", type=float, default=2.0, help="distillation: softmax temperature")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--window", type=int, default=128, help="scoring window (stride: half)")
@@ -344,10 +372,23 @@ def main(argv=None):
     # the swept rows over every seed first, then the other rows seed by seed: a table cut short by time still
     # has the main comparison complete
     jobs.sort(key=lambda job: (job["steps"], job["row"] not in sweep_rows and 1 + args.seeds.index(job["seed"])))
+    students = []
+    if args.teacher_steps:  # the teachers first (they may be a budget of their own), then the students
+        teachers = {seed: dict(common, row="GPT-2 matched", lr=sweeps["GPT-2 matched"]["best_lr"], seed=seed,
+                               steps=args.teacher_steps) for seed in args.seeds}
+        distilled = f"{headline} distilled"
+        rows = rows + [distilled]
+        sweeps[distilled] = {"bits_per_byte": {}, "best_lr": sweeps[headline]["best_lr"]}
+        budgets = args.distill_steps or [s for s in args.steps if s < args.teacher_steps]
+        jobs += [teachers[seed] for seed in args.seeds if teachers[seed] not in jobs]
+        students = [dict(common, row=distilled, lr=sweeps[headline]["best_lr"], seed=seed, steps=steps,
+                      teacher_run=str(run_path(teachers[seed])), teacher_steps=args.teacher_steps,
+                      alpha=args.alpha, temperature=args.temperature)
+                 for steps in budgets for seed in args.seeds]
     if args.summarise_only:  # the runs finished so far
-        results = [r for r in map(finished, jobs) if r is not None]
+        results = [r for r in map(finished, jobs + students) if r is not None]
     else:
-        results = run_all(jobs, args.workers)
+        results = run_all(jobs, args.workers) + run_all(students, args.workers)
 
     settings = {**vars(args), "held_out_tokens": len(held_out), "held_out_bytes": held_out_bytes,
                 "train_blocks": len(train), "torch_threads": args.threads, "machine": os.uname().nodename}

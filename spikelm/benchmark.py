@@ -370,6 +370,13 @@ def ratios(report):
                 inference[(name, context)]["decode_tokens_per_s"] / inference[("gpt2", context)]["decode_tokens_per_s"])
         energy = next(e for e in report["energy"]["models"] if e["name"] == name)
         out[f"energy_per_token_{tag}_over_gpt2"] = energy["energy_ratio"]
+    for name in sorted({r["name"] for r in report["inference"]} - set(training)):  # the compiled decode rows
+        tag = name.replace("spikelm T=", "spikelm_t").replace(" ", "_")
+        out[f"decode_time_{tag}_ctx{high}_over_ctx{low}"] = (inference[(name, high)]["decode_ms_per_token"]
+                                                             / inference[(name, low)]["decode_ms_per_token"])
+        for context in contexts:
+            out[f"decode_tokens_per_s_{tag}_over_gpt2_ctx{context}"] = (
+                inference[(name, context)]["decode_tokens_per_s"] / inference[("gpt2", context)]["decode_tokens_per_s"])
     out["neuron_time_over_spikingjelly"] = report["neuron"]["ratio"]
     if "event_driven" in report:
         out["event_driven_over_dense_decode_tokens_per_s"] = report["event_driven"]["event_over_dense"]
@@ -397,6 +404,19 @@ def run_benchmark(settings, log=print):
             report["inference"].append(row)
             log(f"{name:>14} context {context:>5}: prefill {row['prefill_tokens_per_s']:9.0f} tokens/s, decode "
                 f"{row['decode_tokens_per_s']:7.1f} tokens/s, state {row['state_bytes'] / 2**20:7.2f} MiB")
+    if settings.get("compile_decode"):  # each spikelm model again, its decode step compiled (compile_decode)
+        import copy
+
+        for name, model in [(n, m) for n, m in models if n != "gpt2"]:
+            compiled = copy.deepcopy(model).compile_decode()
+            inference_speed(compiled, settings["contexts"][0], settings)  # warm-up: the compilation
+            for context in settings["contexts"]:
+                row = {"name": f"{name} compiled", **inference_speed(compiled, context, settings),
+                       "peak_rss_growth_bytes": None}
+                report["inference"].append(row)
+                log(f"{row['name']:>14} context {context:>5}: prefill {row['prefill_tokens_per_s']:9.0f} tokens/s, "
+                    f"decode {row['decode_tokens_per_s']:7.1f} tokens/s")
+            del compiled
     report["event_driven"] = event_driven_speed(settings, log)
     report["energy"] = {"context": settings["energy_context"],
                         "models": [energy_per_token(name, model, settings) for name, model in models[1:]]}
@@ -408,6 +428,8 @@ def run_benchmark(settings, log=print):
     log(f"neuron fwd+bwd {report['neuron']['spikelm_s'] * 1000:.1f} ms, SpikingJelly "
         f"{(report['neuron']['spikingjelly_s'] or float('nan')) * 1000:.1f} ms")
     for row in report["inference"] if device == "cpu" else []:  # last: it changes the allocator's settings
+        if row["name"] not in dict(models):  # a compiled twin: the same state and memory as its model
+            continue
         model = dict(models)[row["name"]]
         row["peak_rss_growth_bytes"] = memory_growth(model, row["context"], settings)
         log(f"{row['name']:>14} context {row['context']:>5}: peak RSS growth "

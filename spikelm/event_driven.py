@@ -93,7 +93,8 @@ class SpikeLinear(nn.Linear):
 
     def forward(self, x):
         invariant = self.batch_invariant
-        if torch.is_grad_enabled() or not (self.event_driven or invariant) or x.dim() < 2:
+        if torch.is_grad_enabled() or not (self.event_driven or invariant) or x.dim() < 2 or \
+                torch.compiler.is_compiling():  # a compiled step: static shapes, the dense matmul
             return super().forward(x)
         flat = x.reshape(-1, x.shape[-1])
         if not invariant and flat.shape[0] > EVENT_DRIVEN_MAX_ROWS:

@@ -19,6 +19,7 @@ position 10,000.
 """
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,6 +43,9 @@ ATTENTION_CHUNK = 256
 MAX_INITIAL_DECAY = 1 - 1e-4
 # std of the gate's matrix W_g: small, so that every gate starts near its head's fixed decay
 GATE_INIT_STD = 0.02
+# SpikeLMModel -> its compiled one-token step (compile_decode); kept outside the module so that copying, saving
+# and pickling a model never meet a compiled function
+_COMPILED_DECODE = weakref.WeakKeyDictionary()
 
 
 # ================================================================ causal spike attention (pure functions)
@@ -103,10 +107,22 @@ def ssa_recurrent(q, k, v, decay, scale, mask, state):
         S_i = g_i S_{i-1} + k_i v_i^T ;  z_i = g_i z_{i-1} + 1 ;  a_i = scale * q_i S_i / z_i
     """
     S, z = state
-    S = decay[..., None, None] * S + k[..., :, None] * v[..., None, :]
+    if torch.is_grad_enabled():
+        S = decay[..., None, None] * S + k[..., :, None] * v[..., None, :]
+    else:  # decoding: the state is updated in place (no [T, B, H, d, d] temporaries), as a KV cache grows in place
+        S = _decay_(S, decay[..., None, None])
+        S.view(-1, *S.shape[-2:]).baddbmm_(k.reshape(-1, k.shape[-1], 1), v.reshape(-1, 1, v.shape[-1]))
     z = decay * z + mask[:, None]
     readout = (q[..., None, :] @ S).squeeze(-2)
     return scale * readout * _inverse(z)[None, ..., None], (S, z)
+
+
+def _decay_(state, decay):
+    """state * decay, in place where the state is a plain tensor of its own (not a broadcast view)."""
+    if state.is_contiguous() and decay.dim() <= state.dim() and \
+            torch.broadcast_shapes(state.shape, decay.shape) == state.shape:
+        return state.mul_(decay)
+    return state * decay
 
 
 def sdsa_parallel(k, v, log_decay, mask, state):
@@ -128,7 +144,10 @@ def sdsa_parallel(k, v, log_decay, mask, state):
 def sdsa_recurrent(k, v, decay, mask, state):
     """One token, recurrent form. k, v: [T, B, H, d]; decay: [B', H]; mask: [B]."""
     S, z = state
-    S = decay[..., None] * S + k * v
+    if torch.is_grad_enabled():
+        S = decay[..., None] * S + k * v
+    else:  # decoding: in place
+        S = _decay_(S, decay[..., None]).addcmul_(k, v)
     z = decay * z + mask[:, None]
     return S * _inverse(z)[None, ..., None], (S, z)
 
@@ -605,12 +624,42 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         # One token with a state to continue from: the recurrent form. Otherwise the (chunked) parallel form.
         recurrent = cache is not None and n == 1 and cache.seen_tokens > 0
         membrane = inputs_embeds.unsqueeze(0).expand(self.config.time_steps, B, n, D)  # input current at each step
-        for i, block in enumerate(self.layers):
-            membrane = block(membrane, mask, cache.layers[i] if cache is not None else None, recurrent)
-        spikes = self.output_neuron(self.norm(membrane))
+        compiled = _COMPILED_DECODE.get(self) if recurrent else None
+        if compiled is not None and getattr(self.output_neuron, "counter", None) is None:  # energy counts: eager
+            spikes = compiled(self, membrane, mask, cache.layers)
+        else:
+            spikes = self._layers(membrane, mask, cache.layers if cache is not None else None, recurrent)
         if cache is not None:
+            if not recurrent:  # the state as the compiled step leaves it (one layout, so one compilation)
+                for layer in cache.layers:
+                    layer.decay_sum, layer.previous_spikes = layer.decay_sum.contiguous(), \
+                        layer.previous_spikes.contiguous()
             cache.seen_tokens += n
         return spikes
+
+    def _layers(self, membrane, mask, states, recurrent):
+        for i, block in enumerate(self.layers):
+            membrane = block(membrane, mask, states[i] if states is not None else None, recurrent)
+        return self.output_neuron(self.norm(membrane))
+
+    def compile_decode(self, enabled: bool = True, **compile_options):
+        """Run each one-token decode step (the recurrent form through every layer) as one `torch.compile`d
+        function: its shapes are fixed by the batch size (the state has no token axis), so it compiles once per
+        batch size and dtype, and the hundreds of small operations of a step (T neuron steps per population,
+        the state updates) fuse into a few generated kernels. The matrices then take the dense matmul (the
+        event-driven gather-sum has data-dependent shapes). Energy counting runs the eager step. Off by default:
+        the first compiled step costs a compilation (about a minute on 2 CPU cores; cached on disk afterwards).
+        `compile_options` go to torch.compile (e.g. mode="reduce-overhead" on a GPU)."""
+        if enabled:
+            _COMPILED_DECODE[self] = torch.compile(_recurrent_layers, dynamic=False, **compile_options)
+        else:
+            _COMPILED_DECODE.pop(self, None)
+        return self
+
+
+def _recurrent_layers(model, membrane, mask, states):
+    """The one-token step that compile_decode compiles (the model is an argument: nothing holds on to it)."""
+    return model._layers(membrane, mask, states, True)
 
 
 class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
@@ -628,6 +677,11 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return self.lm_head
+
+    def compile_decode(self, enabled: bool = True, **compile_options):
+        """Compile the one-token decode step (see SpikeLMModel.compile_decode); `generate()` then uses it."""
+        self.model.compile_decode(enabled, **compile_options)
+        return self
 
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings

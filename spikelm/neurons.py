@@ -372,6 +372,7 @@ class SpikingNeuron(nn.Module):
         else:
             self.leak_logit = None
             self.fixed_leak = float(leak)  # a plain number: nothing to save, nothing for the loader to miss
+        self._fixed_leak_tensor = None  # (dtype and device, the leak as a 0-dim tensor there)
         self.counter = None  # set by spikelm.energy while counting
 
     def forward(self, current):
@@ -380,8 +381,12 @@ class SpikingNeuron(nn.Module):
                              f"got {tuple(current.shape)}")
         if self.leak_logit is not None:
             leak = torch.sigmoid(self.leak_logit).to(current.dtype)
-        else:
-            leak = torch.tensor(self.fixed_leak, dtype=current.dtype, device=current.device)
+        else:  # made once per dtype and device: a decode step calls every population, each a few microseconds
+            key = (current.dtype, current.device)
+            if self._fixed_leak_tensor is None or self._fixed_leak_tensor[0] != key:
+                self._fixed_leak_tensor = (key, torch.tensor(self.fixed_leak, dtype=current.dtype,
+                                                             device=current.device))
+            leak = self._fixed_leak_tensor[1]
         if torch.is_grad_enabled() and (current.requires_grad or leak.requires_grad):
             spikes = lif_multistep(current, leak, self.threshold, self.reset, self.surrogate, self.alpha,
                                    self.detach_reset, self.initial_membrane)

@@ -9,6 +9,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer, pipeline
 
 from spikelm import SpikeLMCache, SpikeLMConfig, SpikeLMForCausalLM
+from spikelm.energy import count_inference
 from spikelm.modeling_spikelm import sdsa_parallel, sdsa_recurrent, ssa_parallel, ssa_recurrent
 from conftest import REPO, tiny_config
 
@@ -338,6 +339,30 @@ def test_greedy_generate_equals_argmax_by_hand(kind):
             next_id = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
             ids = torch.cat([ids, next_id], 1)
     assert torch.equal(generated, ids)
+
+
+def test_compiled_decode_step_gives_the_eager_logits_and_tokens():
+    # one compilation (tens of seconds): the gated ssa model, the most state a step updates
+    model = tiny_model("ssa", torch.float64, gated_decay=True)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.attention.gate_proj.weight.normal_(0.0, 1.0)
+    prompt = torch.randint(0, 48, (2, 9))
+    eager = model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0, output_logits=True,
+                           return_dict_in_generate=True)
+    model.compile_decode()
+    try:
+        compiled = model.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0, output_logits=True,
+                                  return_dict_in_generate=True)
+        with count_inference(model) as counted:  # energy counting takes the eager step, and counts it
+            model.generate(prompt[:1], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    finally:
+        model.compile_decode(False)
+    with count_inference(model) as reference:
+        model.generate(prompt[:1], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(compiled.logits, eager.logits)) <= 1e-9
+    assert counted.tokens == 9 + 2 and counted.total() == reference.total() and counted.total().ac > 0
 
 
 def test_left_padded_batch_generates_like_single_prompts():

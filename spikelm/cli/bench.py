@@ -34,6 +34,9 @@ def add_arguments(parser):
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--compile-neurons", action="store_true",
                         help="spikelm with the compiled neuron kernels (torch.compile; adds compilation time)")
+    parser.add_argument("--compile-decode", action="store_true",
+                        help="also time each spikelm model with its one-token decode step compiled "
+                             "(model.compile_decode(); adds a compilation)")
     parser.add_argument("--device", default=None, help="cpu (default) or cuda: the models, data and timings there")
     parser.add_argument("--output", default="runs/bench.json", help="JSON file; the Markdown goes beside it (.md)")
 
@@ -73,6 +76,7 @@ def settings_from_args(args):
     settings["attention_type"] = args.attention_type
     settings["dtype"] = "float32"
     settings["compile_neurons"] = args.compile_neurons
+    settings["compile_decode"] = args.compile_decode
     settings["device"] = args.device or "cpu"
     if settings["device"].startswith("cuda"):
         import torch
