@@ -366,7 +366,8 @@ def main(argv=None):
         sweeps[row] = {"bits_per_byte": {f"{lr:g}": v for lr, v in scores.items()},
                        "best_lr": min(scores, key=scores.get)}
     for row in rows:  # rows without a sweep of their own (variants of the headline model) take its lr
-        sweeps.setdefault(row, {"bits_per_byte": {}, "best_lr": sweeps[headline]["best_lr"]})
+        if row not in sweeps:
+            sweeps[row] = {"bits_per_byte": {}, "best_lr": sweeps[headline]["best_lr"]}
     jobs = [dict(common, row=row, lr=sweeps[row]["best_lr"], seed=seed, steps=steps)
             for steps in args.steps for seed in args.seeds for row in rows]
     # the swept rows over every seed first, then the other rows seed by seed: a table cut short by time still

@@ -227,11 +227,12 @@ def lif_inference(current, leak, threshold, reset="soft", initial_membrane=0.0):
     membrane buffer updated in place; compiled: the T steps in one generated kernel."""
     leak = _as_leak(leak, current)
 
-    def eager():
-        membrane = torch.full_like(current[0], initial_membrane)
+    def eager():  # few dispatches: a decode step runs ~30 populations of T steps, each op a few microseconds
+        membrane = torch.full(current.shape[1:], initial_membrane, dtype=current.dtype, device=current.device)
         spikes = torch.empty_like(current)
-        for t in range(current.shape[0]):
-            lif_step(membrane, current[t], leak, threshold, reset == "soft", out=(membrane, spikes[t], membrane))
+        soft = reset == "soft"
+        for current_t, spikes_t in zip(current.unbind(0), spikes.unbind(0)):
+            lif_step(membrane, current_t, leak, threshold, soft, out=(membrane, spikes_t, membrane))
         return spikes
 
     if _use_compiled(current):
