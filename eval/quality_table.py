@@ -210,7 +210,7 @@ def run_one(job):
     result = {**job, "parameters": parameters(model), "curve": curve, "bits_per_byte": curve[-1][1],
               "train_seconds": time.time() - started}
     path.parent.mkdir(parents=True, exist_ok=True)
-    if job["row"] == "GPT-2 matched":  # a teacher for the distilled row
+    if job["row"] in ("GPT-2 matched", "spikelm gated"):  # a teacher for the distilled row; a trained spikelm
         torch.save(model.state_dict(), path.with_suffix(".pt"))
     path.write_text(json.dumps(result) + "\n")
     print(f"{job['row']:>30} lr {job['lr']:g} seed {job['seed']} {job['steps']} steps: "

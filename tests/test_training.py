@@ -56,7 +56,7 @@ def corpus_a(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, corpus_a):
     output = tmp_path_factory.mktemp("trained")
-    run = spikelm("train", "--corpus", corpus_a, "--output", output, "--max-steps", 40, *TINY)
+    run = spikelm("train", "--corpus", corpus_a, "--output", output, "--max-steps", 40, "--decay", "gated", *TINY)
     assert run.returncode == 0, run.stderr[-3000:]
     return output
 
@@ -65,6 +65,7 @@ def test_train_writes_a_loadable_directory(trained):
     model = AutoModelForCausalLM.from_pretrained(trained)
     tokenizer = AutoTokenizer.from_pretrained(trained)
     assert model.config.model_type == "spikelm" and model.config.vocab_size == len(tokenizer) == 384
+    assert model.config.gated_decay  # --decay gated
     assert (trained / "model.safetensors").exists()
     summary = results(trained)
     assert summary["global_step"] == 40

@@ -57,7 +57,7 @@ def run(args) -> int:
         student = student_from_teacher(teacher, data, args)
     if student is None:
         student = build_config(preset_name, data.tokenizer, attention_type=args.attention_type,
-                               time_steps=args.time_steps)
+                               time_steps=args.time_steps, gated_decay=train_command.gated_decay(args))
     student_config = getattr(student, "config", student)  # a model (fine-tuned, from the teacher) or a config
     check_teacher(teacher, data.tokenizer, student_config.vocab_size, args.teacher, args.teacher_revision)
     distill(student, teacher, data, options, args.alpha, args.temperature)

@@ -40,6 +40,9 @@ def add_arguments(parser):
     model.add_argument("--compile-neurons", action="store_true",
                        help="compiled neuron kernels at every size (by default only where they pay)")
     model.add_argument("--time-steps", type=int, default=None)
+    model.add_argument("--decay", choices=("fixed", "gated"), default=None,
+                       help="attention's forgetting: a fixed decay per head, or gated per token from the input "
+                            "spikes (default: the preset's)")
     model.add_argument("--spike-rate-target", type=float, default=None,
                        help="penalise neuron populations firing above this rate (spikes per neuron and step): "
                             "less energy per token for some accuracy; the rates are logged per layer")
@@ -108,6 +111,11 @@ def given_tokenizer(args, fallback=None, fallback_revision=None):
     return load_tokenizer(fallback, fallback_revision) if fallback else None
 
 
+def gated_decay(args):
+    """--decay as the config field (None: the preset's)."""
+    return None if args.decay is None else args.decay == "gated"
+
+
 def run(args) -> int:
     from ..loading import load_model
     from ..training import build_config, gpt2_config, prepare_data, train
@@ -128,6 +136,6 @@ def run(args) -> int:
         model = gpt2_config(preset_name, data.tokenizer, args.block_size)
     elif model is None:
         model = build_config(preset_name, data.tokenizer, attention_type=args.attention_type,
-                             time_steps=args.time_steps)
+                             time_steps=args.time_steps, gated_decay=gated_decay(args))
     train(model, data, options, callbacks=callbacks)
     return 0
