@@ -430,27 +430,44 @@ class EnergyCounter:
     """
 
     def __init__(self, positions=None):
-        self.counts = {}  # (quantity, layer, kind) -> int64 [rows]; layer and kind are None where not per layer
+        self._counts = {}  # (quantity, layer, kind) -> int64 [rows]; layer and kind are None where not per layer
+        # what the hooks added since `counts` was last read: key -> [(per_row, rows)]. A decode step adds a few
+        # hundred entries; summing them when they are read (whole numbers: exactly) keeps the hooks cheap
+        self._pending = {}
         self.labels = {}  # module -> layer label
         self.config = None
         self._position = torch.as_tensor(positions if positions is not None else [], dtype=torch.int64)
         self._mask = None  # [B, n] real positions of the last forward
 
     def reset(self):
-        self.counts.clear()
+        self._counts.clear()
+        self._pending.clear()
         self._position = torch.zeros(0, dtype=torch.int64)
 
     def _add(self, key, per_row, rows):
         """Add per-row counts (an int, the same for each row, or an int64 tensor [rows]) under `key`."""
-        values = torch.as_tensor(per_row).to("cpu", torch.int64).expand(rows)
-        stored = self.counts.get(key)
-        if stored is None or len(stored) < rows:  # a wider batch than before: more rows
-            grown = torch.zeros(rows, dtype=torch.int64)
+        self._pending.setdefault(key, []).append((per_row, rows))
+
+    @property
+    def counts(self):
+        """{(quantity, layer, kind): int64 tensor [rows]}, everything added so far."""
+        for key, entries in self._pending.items():
+            stored = self._counts.get(key)
+            rows = max(max(r for _, r in entries), 0 if stored is None else len(stored))
+            total = torch.zeros(rows, dtype=torch.int64)  # a wider batch than before: more rows
             if stored is not None:
-                grown[:len(stored)] = stored
-            stored = grown
-        stored[:rows] += values
-        self.counts[key] = stored
+                total[:len(stored)] = stored
+            uniform = {}  # rows -> the sum of the plain numbers added to each of them
+            for per_row, r in entries:
+                if isinstance(per_row, torch.Tensor) and per_row.dim() > 0:
+                    total[:r] += per_row.to("cpu", torch.int64).expand(r)
+                else:
+                    uniform[r] = uniform.get(r, 0) + int(per_row)
+            for r, value in uniform.items():
+                total[:r] += value
+            self._counts[key] = total
+        self._pending.clear()
+        return self._counts
 
     def add(self, layer, kind, ops, rows=1):
         ac, mac = ops

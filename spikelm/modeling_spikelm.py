@@ -119,10 +119,7 @@ def ssa_recurrent(q, k, v, decay, scale, mask, state):
 
 def _decay_(state, decay):
     """state * decay, in place where the state is a plain tensor of its own (not a broadcast view)."""
-    if state.is_contiguous() and decay.dim() <= state.dim() and \
-            torch.broadcast_shapes(state.shape, decay.shape) == state.shape:
-        return state.mul_(decay)
-    return state * decay
+    return state.mul_(decay) if state.is_contiguous() else state * decay
 
 
 def sdsa_parallel(k, v, log_decay, mask, state):
