@@ -310,6 +310,22 @@ def test_reference_counts_each_padded_row_at_its_real_length():
     assert sum(r["ann_mac_per_token"] * r["tokens"] for r in alone) == pytest.approx(expected, rel=1e-12)
 
 
+def test_per_row_equals_row_by_row():
+    # the serving engine reads every row of a batched step at once
+    model = SpikeLMForCausalLM(tiny_config("ssa", gated_decay=True)).eval()
+    ids = torch.randint(3, 48, (3, 10))
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[2, :6] = 0
+    with count_inference(model) as counter:
+        model(ids, attention_mask=mask)
+        model(ids[:2, :4])  # a narrower second forward: rows 0 and 1 only
+    rows = counter.per_row()
+    assert len(rows) == 3
+    for i, (counts, rates) in enumerate(rows):
+        assert counts == counter.row(i) and rates == counter.row_firing_rate_per_layer(i)
+    assert rows[0][0].tokens == 14 and rows[2][0].tokens == 4 and rows[0][0].ac > rows[2][0].ac > 0
+
+
 @pytest.mark.parametrize("kind", ["ssa", "sdsa"])
 def test_memory_traffic_equals_an_independent_recount_from_hooks_and_the_state(kind):
     config = tiny_config(kind)

@@ -425,10 +425,9 @@ class Engine:
         self.steps += 1
         self.last_batch_size = len(batch)
         keep = []
-        for row, sequence in enumerate(batch):
+        for row, (sequence, (energy, rates)) in enumerate(zip(batch, counter.per_row())):
             sequence.tokens_processed += 1
-            if not self._accept(sequence, output.logits[row, -1], counter.row(row),
-                                counter.row_firing_rate_per_layer(row)):
+            if not self._accept(sequence, output.logits[row, -1], energy, rates):
                 keep.append(row)
         self._keep_rows(keep)
 
