@@ -694,6 +694,31 @@ def _layer_label(name):
     return "head"
 
 
+class CounterSwitch:
+    """An EnergyCounter's stand-in under count_energy that passes every count on to `target`, a counter swapped
+    between forwards (`use`): a long-running caller (the serving engine) installs the hooks once, instead of
+    walking the model and registering them for every step. With no target, counts go nowhere."""
+
+    def __init__(self):
+        self.labels, self.config, self.target = {}, None, None
+
+    def use(self, counter: "EnergyCounter | None"):
+        """Send the counts of the next forwards to `counter` (None: nowhere); returns it."""
+        if counter is not None:
+            counter.labels, counter.config = self.labels, self.config
+        self.target = counter
+        return counter
+
+    def __call__(self, *args):  # a neuron fired (called as `module.counter(...)`)
+        if self.target is not None:
+            self.target(*args)
+
+    def __getattr__(self, name):  # the hooks (linear, norm, block, model) and the modules' attention, head_average
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None if self.target is None else getattr(self.target, name)(*args, **kwargs)
+
+
 @contextmanager
 def count_energy(model, counter=None):
     """Switch the counters on for every forward inside the block (training, evaluation or generate()).

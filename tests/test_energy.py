@@ -4,8 +4,8 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from spikelm import SpikeLMForCausalLM, count_energy, energy_report, gpt2_reference_counts
-from spikelm.energy import (EnergyCounts, Prices, ann_twin_reference_counts, count_inference, head_average_traffic,
-                            kv_cache_traffic, neuron_ops, neuron_state_traffic, norm_ops, sdsa_ops,
+from spikelm.energy import (CounterSwitch, EnergyCounter, EnergyCounts, Prices, ann_twin_reference_counts,
+                            count_inference, head_average_traffic, kv_cache_traffic, neuron_ops, neuron_state_traffic, norm_ops, sdsa_ops,
                             ssa_ops, attention_state_traffic, summarise, token_shift_traffic,
                             weight_reads_dense, weight_reads_on_spikes)
 from spikelm.modeling_spikelm import SpikingNeuron
@@ -308,6 +308,28 @@ def test_reference_counts_each_padded_row_at_its_real_length():
     # each row on its own gives the same reference
     alone = [energy_report(model, ids[:1]), energy_report(model, ids[1:, 8:])]
     assert sum(r["ann_mac_per_token"] * r["tokens"] for r in alone) == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_counter_switch_counts_each_forward_into_its_own_counter():
+    # the serving engine installs the hooks once and swaps counters between forwards
+    model = SpikeLMForCausalLM(tiny_config("sdsa")).eval()
+    a, b = torch.randint(3, 48, (1, 7)), torch.randint(3, 48, (2, 5))
+    expected = []
+    for ids in (a, b):
+        with count_inference(model) as counter:
+            model(ids)
+        expected.append(counter.total())
+    switch = CounterSwitch()
+    with torch.no_grad(), count_energy(model, switch):
+        model(a)  # no target: counted nowhere
+        first = switch.use(EnergyCounter())
+        model(a)
+        second = switch.use(EnergyCounter())
+        model(b)
+        switch.use(None)
+        model(b)
+    assert [first.total(), second.total()] == expected and first.report()["tokens"] == 7
+    assert all(module.counter is None for module in model.modules() if hasattr(module, "counter"))
 
 
 def test_per_row_equals_row_by_row():

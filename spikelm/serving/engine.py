@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..energy import (E_AC_PJ, E_MAC_PJ, EnergyCounter, EnergyCounts, Prices, count_energy, gpt2_reference_counts,
-                      summarise)
+from ..energy import (E_AC_PJ, E_MAC_PJ, CounterSwitch, EnergyCounter, EnergyCounts, Prices, count_energy,
+                      gpt2_reference_counts, summarise)
 from ..event_driven import set_batch_invariant
 from .prefix_cache import PrefixStateCache
 
@@ -240,6 +240,7 @@ class Engine:
         self._prefilling: list[Sequence] = []  # holding a slot while their prompt runs, oldest first
         self._active: list[Sequence] = []
         self._cache = None  # the batched recurrent state of self._active, row i = self._active[i]
+        self._counts = CounterSwitch()  # where the model's counting hooks send each forward's counts
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread = None
@@ -308,7 +309,8 @@ class Engine:
     def _run(self):
         if self.threads:
             torch.set_num_threads(self.threads)
-        with torch.inference_mode():
+        # the counting hooks stay installed while the engine runs; each forward counts into a counter of its own
+        with torch.inference_mode(), count_energy(self.model, self._counts):
             while True:
                 with self._wakeup:
                     while not self._stopping and not self._waiting and not self.slots_taken:
@@ -392,9 +394,9 @@ class Engine:
         is done, else None."""
         start = sequence.prefilled
         ids = torch.tensor([sequence.prompt_ids[start:start + chunk]], dtype=torch.long)
-        counter = EnergyCounter(positions=[start])  # a resumed prompt continues at its cached length
-        with count_energy(self.model, counter):
-            output = self.model(input_ids=ids, cache=sequence.cache, use_cache=True, logits_to_keep=1)
+        # a resumed prompt continues at its cached length
+        counter = self._counts.use(EnergyCounter(positions=[start]))
+        output = self.model(input_ids=ids, cache=sequence.cache, use_cache=True, logits_to_keep=1)
         sequence.cache = output.cache
         sequence.prefilled += chunk
         sequence.tokens_processed += chunk
@@ -418,9 +420,8 @@ class Engine:
         batch = self._active
         ids = torch.tensor([[s.generated[-1]] for s in batch], dtype=torch.long)
         # continuing sequences: each row's context so far (its prompt, cached part included, and its tokens)
-        counter = EnergyCounter(positions=[len(s.prompt_ids) + len(s.generated) - 1 for s in batch])
-        with count_energy(self.model, counter):
-            output = self.model(input_ids=ids, cache=self._cache, use_cache=True)
+        counter = self._counts.use(EnergyCounter(positions=[len(s.prompt_ids) + len(s.generated) - 1 for s in batch]))
+        output = self.model(input_ids=ids, cache=self._cache, use_cache=True)
         self._cache = output.cache
         self.steps += 1
         self.last_batch_size = len(batch)
