@@ -451,21 +451,20 @@ class EnergyCounter:
     @property
     def counts(self):
         """{(quantity, layer, kind): int64 tensor [rows]}, everything added so far."""
-        for key, entries in self._pending.items():
+        for key, entries in self._pending.items():  # summed as Python integers: exact, and cheap for few rows
             stored = self._counts.get(key)
-            rows = max(max(r for _, r in entries), 0 if stored is None else len(stored))
-            total = torch.zeros(rows, dtype=torch.int64)  # a wider batch than before: more rows
-            if stored is not None:
-                total[:len(stored)] = stored
-            uniform = {}  # rows -> the sum of the plain numbers added to each of them
+            total = [] if stored is None else stored.tolist()
+            total += [0] * (max(r for _, r in entries) - len(total))  # a wider batch than before: more rows
             for per_row, r in entries:
                 if isinstance(per_row, torch.Tensor) and per_row.dim() > 0:
-                    total[:r] += per_row.to("cpu", torch.int64).expand(r)
+                    values = per_row.to(torch.int64).expand(r).tolist()
+                    for i in range(r):
+                        total[i] += values[i]
                 else:
-                    uniform[r] = uniform.get(r, 0) + int(per_row)
-            for r, value in uniform.items():
-                total[:r] += value
-            self._counts[key] = total
+                    value = int(per_row)
+                    for i in range(r):
+                        total[i] += value
+            self._counts[key] = torch.tensor(total, dtype=torch.int64)
         self._pending.clear()
         return self._counts
 
