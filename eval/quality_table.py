@@ -286,31 +286,34 @@ def markdown(table, steps, settings):
 
 
 def plot(results, rows, steps, seeds, path):
+    """One panel per budget: held-out bits per byte along each run, a line per row (mean over its seeds),
+    shaded from the lowest to the highest seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    budget = max(steps)
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for row in rows:
-        curves = [r["curve"] for r in results if r["row"] == row and r["steps"] == budget]
-        if not curves:
-            continue
-        length = min(len(c) for c in curves)
-        tokens = np.array([c[0] for c in curves[0][:length]])
-        values = np.array([[p[1] for p in c[:length]] for c in curves])
-        mean = values.mean(0)
-        line, = ax.plot(tokens, mean, label=row)
-        ax.fill_between(tokens, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("held-out bits per byte")
-    ax.set_title(f"{len(seeds)} seeds, lines = mean, shading = min..max over seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, len(steps), figsize=(6 * len(steps), 5), squeeze=False)
+    for ax, budget in zip(axes[0], steps):
+        for row in rows:
+            curves = [r["curve"] for r in results if r["row"] == row and r["steps"] == budget]
+            if not curves:
+                continue
+            # the points every seed has (a sweep's run, reused as seed 0, scored only at its end)
+            tokens = sorted(set.intersection(*[{t for t, _ in c} for c in curves]))
+            values = np.array([[dict(c)[t] for t in tokens] for c in curves])
+            line, = ax.plot(tokens, values.mean(0), marker="o", markersize=3,
+                            label=f"{row} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
+            ax.fill_between(tokens, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("held-out bits per byte")
+        ax.set_title(f"{budget} steps (cosine schedule to the end)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"lines: mean over seeds {seeds}; shading: lowest to highest seed")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main(argv=None):
