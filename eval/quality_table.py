@@ -300,12 +300,12 @@ def plot(results, rows, steps, seeds, path):
             curves = [r["curve"] for r in results if r["row"] == row and r["steps"] == budget]
             if not curves:
                 continue
-            # the points every seed has (a sweep's run, reused as seed 0, scored only at its end)
-            tokens = sorted(set.intersection(*[{t for t, _ in c} for c in curves]))
-            values = np.array([[dict(c)[t] for t in tokens] for c in curves])
-            line, = ax.plot(tokens, values.mean(0), marker="o", markersize=3,
+            # each point over the seeds scored there (a sweep's run, reused as seed 0, was scored only at its end)
+            tokens = sorted({t for c in curves for t, _ in c})
+            at = [[dict(c)[t] for c in curves if t in dict(c)] for t in tokens]
+            line, = ax.plot(tokens, [np.mean(v) for v in at], marker="o", markersize=3,
                             label=f"{row} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
-            ax.fill_between(tokens, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+            ax.fill_between(tokens, [min(v) for v in at], [max(v) for v in at], color=line.get_color(), alpha=0.2)
         ax.set_xlabel("training tokens")
         ax.set_ylabel("held-out bits per byte")
         ax.set_title(f"{budget} steps (cosine schedule to the end)")
