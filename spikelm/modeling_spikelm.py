@@ -389,6 +389,7 @@ class SpikeLMAttention(nn.Module):
         self.readout_neuron = make_neuron(config)  # ssa: spikes from a; sdsa: thresholds the running mean
         self.o_proj = SpikeLinear(D, D)
         self.fixed_decay = [float(g) for g in config.attention_decay]  # plain numbers unless learned or gated
+        self._fixed_log_decay = None  # (dtype and device, log of fixed_decay there)
         # gamma = sigmoid(w) keeps each decay in (0, 1); with a gate, w is the gate's bias. Set in _init_weights.
         learned = config.learn_decay or config.gated_decay
         self.decay_logit = nn.Parameter(torch.empty(H)) if learned else None
@@ -404,8 +405,12 @@ class SpikeLMAttention(nn.Module):
             return F.logsigmoid(gate_logits).transpose(1, 2)
         if self.decay_logit is not None:
             log_decay = F.logsigmoid(self.decay_logit).to(spikes.dtype)
-        else:
-            log_decay = torch.log(torch.tensor(self.fixed_decay, dtype=spikes.dtype, device=spikes.device))
+        else:  # made once per dtype and device (a decode step asks every layer for it)
+            key = (spikes.dtype, spikes.device)
+            if self._fixed_log_decay is None or self._fixed_log_decay[0] != key:
+                self._fixed_log_decay = (key, torch.log(torch.tensor(self.fixed_decay, dtype=spikes.dtype,
+                                                                     device=spikes.device)))
+            log_decay = self._fixed_log_decay[1]
         return log_decay[None, :, None].expand(1, self.num_heads, n)
 
     def count_ops(self, q, k, v):
