@@ -303,7 +303,7 @@ def plot(results, rows, steps, seeds, path):
             # each point over the seeds scored there (a sweep's run, reused as seed 0, was scored only at its end)
             tokens = sorted({t for c in curves for t, _ in c})
             at = [[dict(c)[t] for c in curves if t in dict(c)] for t in tokens]
-            line, = ax.plot(tokens, [np.mean(v) for v in at], marker="o", markersize=3,
+            line, = ax.plot(tokens, [np.mean(v) for v in at], marker="o", markersize=3, color=f"C{rows.index(row)}",
                             label=f"{row} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
             ax.fill_between(tokens, [min(v) for v in at], [max(v) for v in at], color=line.get_color(), alpha=0.2)
         ax.set_xlabel("training tokens")
@@ -311,7 +311,8 @@ def plot(results, rows, steps, seeds, path):
         ax.set_title(f"{budget} steps (cosine schedule to the end)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"lines: mean over seeds {seeds}; shading: lowest to highest seed")
+    fig.suptitle(f"lines: mean over seeds {seeds}; shading: lowest to highest seed (a learning-rate sweep's run, "
+                 "reused as seed 0, is scored only at its end)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
