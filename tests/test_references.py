@@ -10,7 +10,7 @@ from spikelm.references import gpt2_parameters, matched_gpt2_config, relu_twin_c
 @pytest.mark.parametrize("name", sorted(PRESETS))
 @pytest.mark.parametrize("gated", [False, True])
 def test_matched_gpt2_has_spikelms_parameters_within_one_percent(name, gated):
-    config = SpikeLMConfig(**PRESETS[name], gated_decay=gated)
+    config = SpikeLMConfig(**{**PRESETS[name], "gated_decay": gated})
     gpt2 = matched_gpt2_config(config, block_size=128)
     spiking, reference = spikelm_parameters(config), gpt2_parameters(gpt2)
     assert abs(reference - spiking) <= 0.01 * spiking, (name, spiking, reference)
@@ -33,7 +33,7 @@ def test_counts_are_those_of_real_models():
 
 
 def test_relu_twin_holds_the_same_parameters():
-    config = SpikeLMConfig(**PRESETS["small"], gated_decay=True)
+    config = SpikeLMConfig(**PRESETS["small"])
     twin = relu_twin_config(config)
     assert spikelm_parameters(twin) == spikelm_parameters(config)
     assert (twin.neuron_type, twin.time_steps, twin.attention_type, twin.token_shift) == ("relu", 1, "ssa", True)

@@ -56,7 +56,7 @@ def corpus_a(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, corpus_a):
     output = tmp_path_factory.mktemp("trained")
-    run = spikelm("train", "--corpus", corpus_a, "--output", output, "--max-steps", 40, "--decay", "gated", *TINY)
+    run = spikelm("train", "--corpus", corpus_a, "--output", output, "--max-steps", 40, *TINY)
     assert run.returncode == 0, run.stderr[-3000:]
     return output
 
@@ -65,7 +65,7 @@ def test_train_writes_a_loadable_directory(trained):
     model = AutoModelForCausalLM.from_pretrained(trained)
     tokenizer = AutoTokenizer.from_pretrained(trained)
     assert model.config.model_type == "spikelm" and model.config.vocab_size == len(tokenizer) == 384
-    assert model.config.gated_decay  # --decay gated
+    assert model.config.gated_decay  # the presets' decay
     assert (trained / "model.safetensors").exists()
     summary = results(trained)
     assert summary["global_step"] == 40
@@ -79,6 +79,14 @@ def test_train_writes_a_loadable_directory(trained):
     assert card.startswith("---\nlibrary_name: transformers\n")
     assert f"bits per byte: {summary['eval_bits_per_byte']:.4f}" in card and "--max-steps 40" in card
     assert "Ratio to GPT-2" in card and "trust_remote_code=True" in card
+
+
+def test_decay_flag_chooses_the_fixed_decay(corpus_a, tmp_path):
+    run = spikelm("train", "--corpus", corpus_a, "--output", tmp_path / "fixed", "--max-steps", 2, "--decay", "fixed",
+                  *TINY)
+    assert run.returncode == 0, run.stderr[-3000:]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fixed")
+    assert not model.config.gated_decay and model.model.layers[0].attention.gate_proj is None
 
 
 def _second_corpus(path):
