@@ -271,7 +271,10 @@ def markdown(table, steps, settings):
             if b is None:
                 cells.append("- | -")
                 continue
-            seeds = "" if len(b["seeds"]) == len(settings["seeds"]) else f" ({len(b['seeds'])} seed(s))"
+            if len(b["seeds"]) == 1:  # no spread to show
+                cells.append(f"{b['mean']:.4f} (seed {b['seeds'][0]} only) | {b['ratio_mean']:.4f}")
+                continue
+            seeds = "" if len(b["seeds"]) == len(settings["seeds"]) else f" ({len(b['seeds'])} seeds)"
             cells.append(f"{b['mean']:.4f} +- {b['std']:.4f}{seeds} | {b['ratio_mean']:.4f} +- {b['ratio_std']:.4f}")
         lines.append(f"| {row} | {entry['parameters']:,} | {entry['best_lr']:g} | " + " | ".join(cells) + " |")
     lines.append("")
