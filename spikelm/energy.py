@@ -430,7 +430,7 @@ class EnergyCounter:
     """
 
     def __init__(self, positions=None):
-        self._counts = {}  # (quantity, layer, kind) -> int64 [rows]; layer and kind are None where not per layer
+        self._lists = {}  # (quantity, layer, kind) -> [int per row]; layer and kind are None where not per layer
         # what the hooks added since `counts` was last read: key -> [(per_row, rows)]. A decode step adds a few
         # hundred entries; summing them when they are read (whole numbers: exactly) keeps the hooks cheap
         self._pending = {}
@@ -440,7 +440,7 @@ class EnergyCounter:
         self._mask = None  # [B, n] real positions of the last forward
 
     def reset(self):
-        self._counts.clear()
+        self._lists.clear()
         self._pending.clear()
         self._position = torch.zeros(0, dtype=torch.int64)
 
@@ -448,25 +448,27 @@ class EnergyCounter:
         """Add per-row counts (an int, the same for each row, or an int64 tensor [rows]) under `key`."""
         self._pending.setdefault(key, []).append((per_row, rows))
 
-    @property
-    def counts(self):
-        """{(quantity, layer, kind): int64 tensor [rows]}, everything added so far."""
-        for key, entries in self._pending.items():  # summed as Python integers: exact, and cheap for few rows
-            stored = self._counts.get(key)
-            total = [] if stored is None else stored.tolist()
+    def _merged(self) -> dict:
+        """{(quantity, layer, kind): [count per row]}, as Python integers: what the hooks added, summed exactly.
+        Plain lists, not tensors: a decode step reads a few hundred small counts, each tensor a few microseconds."""
+        for key, entries in self._pending.items():
+            total = self._lists.setdefault(key, [])
             total += [0] * (max(r for _, r in entries) - len(total))  # a wider batch than before: more rows
             for per_row, r in entries:
                 if isinstance(per_row, torch.Tensor) and per_row.dim() > 0:
-                    values = per_row.to(torch.int64).expand(r).tolist()
-                    for i in range(r):
-                        total[i] += values[i]
+                    for i, value in enumerate(per_row.to(torch.int64).expand(r).tolist()):
+                        total[i] += value
                 else:
                     value = int(per_row)
                     for i in range(r):
                         total[i] += value
-            self._counts[key] = torch.tensor(total, dtype=torch.int64)
         self._pending.clear()
-        return self._counts
+        return self._lists
+
+    @property
+    def counts(self):
+        """{(quantity, layer, kind): int64 tensor [rows]}, everything added so far."""
+        return {key: torch.tensor(values, dtype=torch.int64) for key, values in self._merged().items()}
 
     def add(self, layer, kind, ops, rows=1):
         ac, mac = ops
@@ -560,8 +562,8 @@ class EnergyCounter:
     # --- sums over rows
     def _sum(self, quantity):
         """{(layer, kind) or layer: count summed over rows} for a per-layer quantity."""
-        return {(key[1] if key[2] is None else key[1:]): int(value.sum())
-                for key, value in self.counts.items() if key[0] == quantity}
+        return {(key[1] if key[2] is None else key[1:]): sum(value)
+                for key, value in self._merged().items() if key[0] == quantity}
 
     @property
     def ac(self):
@@ -581,23 +583,23 @@ class EnergyCounter:
 
     @property
     def tokens(self) -> int:
-        return int(self.counts[("tokens", None, None)].sum()) if ("tokens", None, None) in self.counts else 0
+        return sum(self._merged().get(("tokens", None, None), []))
 
     @property
     def rows(self) -> int:
-        return max((len(v) for v in self.counts.values()), default=0)
+        return max((len(v) for v in self._merged().values()), default=0)
 
     def row(self, i) -> EnergyCounts:
         """The counts of batch row i, summed over layers."""
         totals = dict.fromkeys(COUNTED, 0)
-        for (quantity, _, _), values in self.counts.items():
+        for (quantity, _, _), values in self._merged().items():
             if i < len(values):
-                totals[quantity] += int(values[i])
+                totals[quantity] += values[i]
         return EnergyCounts(**totals)
 
     def row_firing_rate_per_layer(self, i) -> dict[str, float]:
         """Spikes per neuron and time step of batch row i, by layer ("layers.0", ..., "head"), in layer order."""
-        spikes, steps = ({k[1]: int(v[i]) for k, v in self.counts.items() if k[0] == quantity and i < len(v)}
+        spikes, steps = ({k[1]: v[i] for k, v in self._merged().items() if k[0] == quantity and i < len(v)}
                          for quantity in ("spikes", "neuron_steps"))
         return {layer: spikes[layer] / steps[layer] for layer in sorted(steps, key=_layer_order) if steps[layer]}
 
@@ -607,8 +609,8 @@ class EnergyCounter:
         rows = self.rows
         totals = [dict.fromkeys(COUNTED, 0) for _ in range(rows)]
         spikes, steps = [{} for _ in range(rows)], [{} for _ in range(rows)]
-        for (quantity, layer, _), values in self.counts.items():
-            for i, value in enumerate(values.tolist()):
+        for (quantity, layer, _), values in self._merged().items():
+            for i, value in enumerate(values):
                 totals[i][quantity] += value
                 if quantity == "spikes":
                     spikes[i][layer] = value
@@ -621,8 +623,8 @@ class EnergyCounter:
 
     def total(self) -> EnergyCounts:
         totals = dict.fromkeys(COUNTED, 0)
-        for (quantity, _, _), values in self.counts.items():
-            totals[quantity] += int(values.sum())
+        for (quantity, _, _), values in self._merged().items():
+            totals[quantity] += sum(values)
         return EnergyCounts(**totals)
 
     # --- results
@@ -639,9 +641,9 @@ class EnergyCounter:
         tokens = self.tokens
         spikes, steps = self.spikes, self.neuron_steps
         per_kind = {}
-        for (quantity, layer, kind), values in self.counts.items():
+        for (quantity, layer, kind), values in self._merged().items():
             if kind is not None:
-                per_kind.setdefault((layer, kind), dict.fromkeys(COUNTED, 0))[quantity] += int(values.sum())
+                per_kind.setdefault((layer, kind), dict.fromkeys(COUNTED, 0))[quantity] += sum(values)
         rows = []
         for layer, kind in sorted(per_kind, key=_row_order):
             counts = EnergyCounts(**per_kind[(layer, kind)])
