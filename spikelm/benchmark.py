@@ -358,25 +358,21 @@ def ratios(report):
     contexts = report["settings"]["contexts"]
     low, high = min(contexts), max(contexts)
     out = {}
-    for name in training:
-        tag = name.replace("spikelm T=", "spikelm_t")
+    # every model timed (compiled decode rows too); training and energy only for the models that have them
+    for name in dict.fromkeys(r["name"] for r in report["inference"]):
+        tag = name.replace("spikelm T=", "spikelm_t").replace(" ", "_")
         out[f"decode_time_{tag}_ctx{high}_over_ctx{low}"] = (inference[(name, high)]["decode_ms_per_token"]
                                                              / inference[(name, low)]["decode_ms_per_token"])
         if name == "gpt2":
             continue
-        out[f"training_tokens_per_s_{tag}_over_gpt2"] = training[name] / training["gpt2"]
+        if name in training:
+            out[f"training_tokens_per_s_{tag}_over_gpt2"] = training[name] / training["gpt2"]
         for context in contexts:
             out[f"decode_tokens_per_s_{tag}_over_gpt2_ctx{context}"] = (
                 inference[(name, context)]["decode_tokens_per_s"] / inference[("gpt2", context)]["decode_tokens_per_s"])
-        energy = next(e for e in report["energy"]["models"] if e["name"] == name)
-        out[f"energy_per_token_{tag}_over_gpt2"] = energy["energy_ratio"]
-    for name in sorted({r["name"] for r in report["inference"]} - set(training)):  # the compiled decode rows
-        tag = name.replace("spikelm T=", "spikelm_t").replace(" ", "_")
-        out[f"decode_time_{tag}_ctx{high}_over_ctx{low}"] = (inference[(name, high)]["decode_ms_per_token"]
-                                                             / inference[(name, low)]["decode_ms_per_token"])
-        for context in contexts:
-            out[f"decode_tokens_per_s_{tag}_over_gpt2_ctx{context}"] = (
-                inference[(name, context)]["decode_tokens_per_s"] / inference[("gpt2", context)]["decode_tokens_per_s"])
+        energy = next((e for e in report["energy"]["models"] if e["name"] == name), None)
+        if energy is not None:
+            out[f"energy_per_token_{tag}_over_gpt2"] = energy["energy_ratio"]
     out["neuron_time_over_spikingjelly"] = report["neuron"]["ratio"]
     if "event_driven" in report:
         out["event_driven_over_dense_decode_tokens_per_s"] = report["event_driven"]["event_over_dense"]

@@ -589,37 +589,30 @@ class EnergyCounter:
     def rows(self) -> int:
         return max((len(v) for v in self._merged().values()), default=0)
 
-    def row(self, i) -> EnergyCounts:
-        """The counts of batch row i, summed over layers."""
-        totals = dict.fromkeys(COUNTED, 0)
-        for (quantity, _, _), values in self._merged().items():
+    def _row(self, i) -> tuple[EnergyCounts, dict[str, float]]:
+        totals, spikes, steps = dict.fromkeys(COUNTED, 0), {}, {}
+        for (quantity, layer, _), values in self._merged().items():
             if i < len(values):
                 totals[quantity] += values[i]
-        return EnergyCounts(**totals)
+                if quantity == "spikes":
+                    spikes[layer] = values[i]
+                elif quantity == "neuron_steps":
+                    steps[layer] = values[i]
+        rates = {layer: spikes.get(layer, 0) / steps[layer] for layer in sorted(steps, key=_layer_order)
+                 if steps[layer]}
+        return EnergyCounts(**totals), rates
+
+    def row(self, i) -> EnergyCounts:
+        """The counts of batch row i, summed over layers."""
+        return self._row(i)[0]
 
     def row_firing_rate_per_layer(self, i) -> dict[str, float]:
         """Spikes per neuron and time step of batch row i, by layer ("layers.0", ..., "head"), in layer order."""
-        spikes, steps = ({k[1]: v[i] for k, v in self._merged().items() if k[0] == quantity and i < len(v)}
-                         for quantity in ("spikes", "neuron_steps"))
-        return {layer: spikes[layer] / steps[layer] for layer in sorted(steps, key=_layer_order) if steps[layer]}
+        return self._row(i)[1]
 
     def per_row(self) -> list[tuple[EnergyCounts, dict[str, float]]]:
-        """(row(i), row_firing_rate_per_layer(i)) for every row at once: a batched decode step reports each of
-        its sequences, and reading the counts once as Python numbers keeps that cheap at 32 rows."""
-        rows = self.rows
-        totals = [dict.fromkeys(COUNTED, 0) for _ in range(rows)]
-        spikes, steps = [{} for _ in range(rows)], [{} for _ in range(rows)]
-        for (quantity, layer, _), values in self._merged().items():
-            for i, value in enumerate(values):
-                totals[i][quantity] += value
-                if quantity == "spikes":
-                    spikes[i][layer] = value
-                elif quantity == "neuron_steps":
-                    steps[i][layer] = value
-        return [(EnergyCounts(**totals[i]),
-                 {layer: spikes[i].get(layer, 0) / steps[i][layer] for layer in sorted(steps[i], key=_layer_order)
-                  if steps[i][layer]})
-                for i in range(rows)]
+        """(row(i), row_firing_rate_per_layer(i)) for every row: what a batched decode step reports."""
+        return [self._row(i) for i in range(self.rows)]
 
     def total(self) -> EnergyCounts:
         totals = dict.fromkeys(COUNTED, 0)
@@ -710,14 +703,19 @@ class CounterSwitch:
         self.target = counter
         return counter
 
-    def __call__(self, *args):  # a neuron fired (called as `module.counter(...)`)
-        if self.target is not None:
-            self.target(*args)
+    def _pass(name):
+        def forward(self, *args, **kwargs):
+            if self.target is not None:
+                getattr(self.target, name)(*args, **kwargs)
+        forward.__name__ = name
+        return forward
 
-    def __getattr__(self, name):  # the hooks (linear, norm, block, model) and the modules' attention, head_average
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return lambda *args, **kwargs: None if self.target is None else getattr(self.target, name)(*args, **kwargs)
+    # what count_energy hooks up (linear, norm, block, model) and what the modules call (a neuron calls the
+    # counter itself; attention and the head call theirs)
+    __call__ = _pass("__call__")
+    linear, norm, block, model = _pass("linear"), _pass("norm"), _pass("block"), _pass("model")
+    attention, head_average = _pass("attention"), _pass("head_average")
+    del _pass
 
 
 @contextmanager

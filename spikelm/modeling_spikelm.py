@@ -632,7 +632,7 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         else:
             spikes = self._layers(membrane, mask, cache.layers if cache is not None else None, recurrent)
         if cache is not None:
-            if not recurrent:  # the state as the compiled step leaves it (one layout, so one compilation)
+            if not recurrent and self in _COMPILED_DECODE:  # the layout the compiled step leaves: one compilation
                 for layer in cache.layers:
                     layer.decay_sum, layer.previous_spikes = layer.decay_sum.contiguous(), \
                         layer.previous_spikes.contiguous()

@@ -400,8 +400,9 @@ class Engine:
         sequence.cache = output.cache
         sequence.prefilled += chunk
         sequence.tokens_processed += chunk
-        sequence.prompt_energy += counter.row(0)
-        for layer, rate in counter.row_firing_rate_per_layer(0).items():
+        energy, rates = counter.per_row()[0]
+        sequence.prompt_energy += energy
+        for layer, rate in rates.items():
             sequence.prompt_layer_spikes[layer] = sequence.prompt_layer_spikes.get(layer, 0.0) + rate * chunk
         self.prefill_chunks += 1
         if sequence.prefilled in self._snapshot_points(sequence):
