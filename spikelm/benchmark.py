@@ -28,11 +28,13 @@ from pathlib import Path
 FULL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, vocab_size=4096,
             time_steps=[4], contexts=[128, 512, 2048, 4096], train_batch=8, train_seq_len=256, decode_tokens=32,
             repeats=5, warmup=1, neuron_shape=[4, 2048, 1024], energy_context=512,
-            event_shape=dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16))
+            event_shape=dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16),
+            crossover_shapes=[(256, 1024), (1024, 256), (1024, 4096), (4096, 1024)])
 QUICK = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, vocab_size=512,
              time_steps=[4], contexts=[128, 512], train_batch=4, train_seq_len=64, decode_tokens=8, repeats=3,
              warmup=1, neuron_shape=[4, 512, 1024], energy_context=128,
-             event_shape=dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4))
+             event_shape=dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4),
+             crossover_shapes=[(256, 1024), (1024, 256)])
 
 # glibc mallopt parameters. PeakRSS pins the mmap threshold low; afterwards it sets glibc's own steady state
 # back (the dynamic threshold ends at 32 MiB, with the trim threshold at twice that). Pinning the threshold
@@ -223,11 +225,11 @@ def inference_speed(model, context, settings):
 def event_driven_speed(settings, log=print):
     """Dense against event-driven decode of one spikelm model at a width whose weights do not fit in cache
     (`event_shape`: D=1024, 8 layers by default), through plain generate() at the first context: tokens/s of
-    each, whether they chose the same tokens, the firing rate; and the dense/gather-sum crossover."""
+    each, whether they chose the same tokens, the firing rate; and the dense/compacted crossover."""
     import torch
 
     from . import SpikeLMConfig, SpikeLMForCausalLM, energy_report
-    from .event_driven import crossover, set_event_driven
+    from .event_driven import CROSSOVER_SHAPES, crossover, set_event_driven
 
     shape = settings["event_shape"]
     torch.manual_seed(0)
@@ -257,8 +259,10 @@ def event_driven_speed(settings, log=print):
         f"({result['event_over_dense']:.2f}x), same tokens: {result['same_tokens']}, "
         f"firing rate {result['firing_rate']:.3f}")
     if device == "cpu":
-        result["crossover"] = crossover(time_steps=settings["time_steps"][0])
-        log(f"gather-sum faster than dense up to firing rates {result['crossover']['highest_rate_faster']}")
+        result["crossover"] = crossover(settings.get("crossover_shapes", CROSSOVER_SHAPES),
+                                        time_steps=settings["time_steps"][0])
+        log(f"compacted matmul faster than dense (weights read from memory) up to active fractions "
+            f"{result['crossover']['highest_active_faster']}")
     return result
 
 

@@ -83,8 +83,9 @@ def test_quick_bench_writes_every_field(tmp_path, capsys):
     assert all(positive(event[f"{name}_decode_tokens_per_s"]) for name in ("dense", "event_driven", "dense_again"))
     assert len(event["dense_tokens"]) == decoded + 1 and 0 < event["firing_rate"] < 1
     assert event["same_tokens"] == (event["dense_tokens"] == event["event_driven_tokens"])
-    assert {row["rate"] for row in event["crossover"]["rows"]} >= {0.05, 0.3}
-    assert all(positive(row["dense_us"]) and positive(row["event_us"]) for row in event["crossover"]["rows"])
+    assert len({row["in"] for row in event["crossover"]["rows"]}) >= 2
+    assert all(positive(row[key]) for row in event["crossover"]["rows"]
+               for key in ("dense_us", "compacted_us", "gather_us", "active"))
     markdown = out.with_suffix(".md").read_text()
     assert "| spikelm T=4 | 512 |" in markdown and "SpikingJelly" in markdown
     page = results_page(bench=report)  # docs/results.md is rendered from the JSON alone

@@ -3,7 +3,7 @@ import torch
 
 from spikelm import SpikeLMForCausalLM
 from spikelm import event_driven
-from spikelm.event_driven import SpikeLinear, event_driven_matmul
+from spikelm.event_driven import SpikeLinear, compacted_matmul, event_driven_matmul
 from conftest import tiny_config
 
 
@@ -12,28 +12,32 @@ def spikes(*shape, rate=0.1, seed=0):
     return (torch.rand(*shape, generator=generator) < rate).float()
 
 
+@pytest.mark.parametrize("form", ["gather", "compacted"])
 @pytest.mark.parametrize("counts", [False, True])
-def test_gather_sum_equals_the_dense_matmul(counts):
+def test_event_driven_forms_equal_the_dense_matmul(counts, form):
     torch.manual_seed(0)
     weight = torch.randn(96, 200)  # [out, in], float32 weights
     x = spikes(4, 3, 200, rate=0.2)
     if counts:  # whole-number spike counts 0..4, as the LM head gets them
         x = spikes(4, 3, 200, rate=0.3, seed=1) + spikes(4, 3, 200, rate=0.3, seed=2) * 3
+    x[..., :50] = 0  # inputs silent in every row: the compacted form reads none of their weights
+    matmul = (lambda x, w: event_driven_matmul(x, w, counts=counts)) if form == "gather" else compacted_matmul
     dense64 = x.double() @ weight.double().t()
-    event64 = event_driven_matmul(x.double(), weight.double().t().contiguous(), counts=counts)
+    event64 = matmul(x.double(), weight.double().t().contiguous())
     assert torch.equal(event64, dense64)  # float64: sums of float32 weights are exact in any order
-    event32 = event_driven_matmul(x, weight.t().contiguous(), counts=counts)
+    event32 = matmul(x, weight.t().contiguous())
     assert torch.allclose(event32, x @ weight.t(), rtol=0, atol=1e-4)  # float32: rounding only
     assert event32.shape == (4, 3, 96) and event32.abs().sum() > 0
 
 
 def test_spike_linear_takes_the_event_path_only_when_sparse_and_not_training():
     torch.manual_seed(0)
-    layer = SpikeLinear(300, 50).double()
+    layer = SpikeLinear(300, 200).double()  # 60,000 weights: above EVENT_DRIVEN_MIN_WEIGHTS
     calls = []
-    original = event_driven._gather_sum
-    event_driven._gather_sum = lambda *args: calls.append(1) or original(*args)
+    original = event_driven._compacted
+    event_driven._compacted = lambda *args: calls.append(1) or original(*args)
     try:
+        # active fractions ~0.19 and ~0.92: below and above EVENT_DRIVEN_MAX_ACTIVE
         sparse, dense = spikes(4, 1, 300, rate=0.05).double(), spikes(4, 1, 300, rate=0.6).double()
         with torch.no_grad():
             assert torch.equal(layer(sparse), sparse @ layer.weight.t())
@@ -48,12 +52,21 @@ def test_spike_linear_takes_the_event_path_only_when_sparse_and_not_training():
             assert torch.equal(layer(sparse.detach()), sparse.detach() @ layer.weight.t())
         assert len(calls) == 2
     finally:
-        event_driven._gather_sum = original
+        event_driven._compacted = original
+    small, sparse = SpikeLinear(100, 20).double(), spikes(4, 1, 100, rate=0.05).double()
+    event_driven._compacted = lambda *args: calls.append(1) or original(*args)
+    try:
+        with torch.no_grad():  # 2,000 weights: read from cache anyway, so always dense
+            assert torch.equal(small(sparse), sparse @ small.weight.t())
+        assert len(calls) == 2
+    finally:
+        event_driven._compacted = original
 
 
 @pytest.mark.parametrize("kind", ["ssa", "sdsa"])
-def test_generation_event_driven_equals_dense(kind):
+def test_generation_event_driven_equals_dense(kind, monkeypatch):
     # float64: the same logits bit for bit; float32: the same tokens here, logits within rounding
+    monkeypatch.setattr(event_driven, "EVENT_DRIVEN_MIN_WEIGHTS", 0)  # the tiny model's matrices take it too
     torch.manual_seed(0)
     model = SpikeLMForCausalLM(tiny_config(kind, hidden_size=64, intermediate_size=128)).eval()
     ids = torch.randint(0, 48, (1, 10))
@@ -63,14 +76,14 @@ def test_generation_event_driven_equals_dense(kind):
         for enabled in (True, False):
             event_driven.set_event_driven(model, enabled)
             calls = []
-            original = event_driven._gather_sum
-            event_driven._gather_sum = lambda *args: calls.append(1) or original(*args)
+            original = event_driven._compacted
+            event_driven._compacted = lambda *args: calls.append(1) or original(*args)
             try:
                 with torch.no_grad():
                     out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0,
                                          output_logits=True, return_dict_in_generate=True)
             finally:
-                event_driven._gather_sum = original
+                event_driven._compacted = original
             assert (len(calls) > 0) == enabled  # the event-driven path did run (only) when enabled
             results.append((out.sequences, torch.stack(out.logits)))
         event_driven.set_event_driven(model, True)
