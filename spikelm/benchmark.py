@@ -261,8 +261,8 @@ def event_driven_speed(settings, log=print):
     if device == "cpu":
         result["crossover"] = crossover(settings.get("crossover_shapes", CROSSOVER_SHAPES),
                                         time_steps=settings["time_steps"][0])
-        log(f"compacted matmul faster than dense (weights read from memory) up to active fractions "
-            f"{result['crossover']['highest_active_faster']}")
+        log(f"C spike matmul faster than dense (weights read from memory) up to firing rates "
+            f"{result['crossover']['kernel_highest_rate_faster']}")
     return result
 
 

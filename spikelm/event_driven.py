@@ -1,33 +1,32 @@
 """Event-driven matmuls: a weight matrix fed sparse spikes reads only the weights of its firing inputs.
 
 A dense matmul of a spike vector s (0 or 1) with W reads all of W; but W s is the sum of the columns of W whose
-input fired. With W stored transposed (`weight_t` [in, out]) each firing input selects one contiguous row. Two
-forms, both for small batches (decode: T * B rows of spikes):
+input fired. With W stored transposed (`weight_t` [in, out]) each firing input selects one contiguous row. For
+small batches (decode: T * B rows of spikes) three forms compute it, all at inference only:
 
-- compacted (the default inference path): the inputs that fire at any of the T steps (or in any row) are found
-  once, their rows of W are gathered once, and a small dense matmul sums them:
-      active = nonzero(any(s, over rows))
-      out = s[:, active] @ weight_t[active]
-  A neuron that fires at one step often fires at the next, so the active set is about 1.3x the per-step firing
-  rate (a trained model's decode, T=2): each weight row is read once however many steps fired it.
-- gather-sum (the batch-invariant path): one (row, input) pair per spike, and each output row adds its gathered
-  weight rows one by one in the order of its inputs, whatever the other rows are:
-      rows, inputs = nonzero(s)
-      out[rows] += weight_t[inputs]                 # index_add_
-  Its result does not depend on the batch (`batch_invariant`), which the server uses to run float32 with a
-  sequence's numbers the same alone or in a batch of 32.
+- the C kernel (`spikelm.kernels.spike_matmul`, the default where a C compiler is at hand): for each input that fires
+  in some row, its weight row is read once and added into the rows where it fired, in increasing input order.
+  One call; a neuron that fires at one step often fires at the next (the active set is about 1.3x the per-step
+  firing rate in a trained model's decode), and its row is read once however many steps fired it.
+- compacted (PyTorch, where there is no C compiler): the inputs active in some row are found once, their
+  weight rows gathered once, and a small dense matmul sums them:
+      active = nonzero(any(s, over rows));  out = s[:, active] @ weight_t[active]
+- gather-sum (PyTorch, batch-invariant where there is no C compiler): one (row, input) pair per spike,
+      rows, inputs = nonzero(s);  out[rows] += weight_t[inputs]          # index_add_, in input order
 
-The LM head is fed per-token spike counts (whole numbers 0..T): the compacted form multiplies by the counts as
-they are; the gather-sum scales each selected row by its count.
+The C kernel and the gather-sum add each output row's terms one by one in the order of its inputs, whatever the
+other rows are: a row's result does not depend on the batch (`batch_invariant`, which the server uses to run
+float32 with a sequence's numbers the same alone or in a batch of 32), and the two give the same numbers.
+The LM head is fed per-token spike counts (whole numbers 0..T): each selected row is scaled by its count.
 
-Numbers: in float64 every sum of float32 weights is exact, so both forms give the dense path's logits bit for
+Numbers: in float64 every sum of float32 weights is exact, so every form gives the dense path's logits bit for
 bit; in float32 they differ by rounding only.
 
 When it pays: a decode step reads each matrix once, after the other layers have pushed it out of the cache, so
-the dense matmul costs a pass over all of W from memory and the compacted one a pass over the active fraction.
-`crossover()` measures exactly that (each shape's weights cycled through more memory than the cache holds);
-`EVENT_DRIVEN_MAX_ACTIVE` is the active fraction below which the compacted form won in every shape there.
-Training (autograd on) always takes the dense matmul.
+the dense matmul costs a pass over all of W from memory and the event-driven forms a pass over the active
+rows. `crossover()` measures exactly that (each shape's weights cycled through more memory than the cache
+holds); the EVENT_DRIVEN_MAX_ constants are set from it. Training (autograd on) always takes
+the dense matmul.
 """
 
 import time
@@ -36,13 +35,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Active inputs / inputs up to which the compacted matmul is used. `crossover()` (2026-12-02, one thread, idle
-# 2-core Zen 4 VM with 32 MiB of L3, weights cycled through 96 MiB), compacted over dense at active fractions
-# 0.1 / 0.3 / 0.5 / 0.7: 2.9-6.6x / 1.3-2.8x / 1.07-1.6x / 0.74-1.09x over shapes 256x1024 to 4096x1024.
+from .kernels import spike_matmul as spike_matmul_kernel
+from .kernels import supports as kernel_supports
+
+# Measured by `crossover()` (2026-12-02, one thread, idle 2-core Zen 4 VM with 32 MiB of L3, weights cycled
+# through 96 MiB), shapes 256x1024 to 4096x1024:
+# - spikes / inputs up to which the C kernel is used: with one sequence's T=4 rows it beat dense at firing rates
+#   0.07 / 0.21 / 0.33 / 0.49 by 3.6-20x / 1.4-4.0x / 1.2-2.8x / 0.9-2.2x; with 8 sequences (32 rows) by
+#   1.5-4.8x / 1.02-2.6x / 0.87-1.5x / 0.78-1.6x.
+#   With one row (the LM head fed one token's spike counts) it beat dense at every rate: 2.2-4.6x at 0.3, 1.3-2.2x
+#   at 0.9 (256x4096, 1024x4096, 512x8192): it reads the active rows once and nothing else.
+EVENT_DRIVEN_MAX_RATE_ONE_ROW = 1.0
+EVENT_DRIVEN_MAX_RATE_ONE_SEQUENCE = 0.33  # up to 8 rows
+EVENT_DRIVEN_MAX_RATE = 0.2  # more rows
+# - active inputs / inputs up to which the compacted matmul is used: compacted over dense at active fractions
+#   0.1 / 0.3 / 0.5 / 0.7: 2.9-6.6x / 1.3-2.8x / 1.07-1.6x / 0.74-1.09x
 EVENT_DRIVEN_MAX_ACTIVE = 0.5
 EVENT_DRIVEN_MAX_ROWS = 256  # input vectors per call (T * batch * tokens) up to which it is considered
-# Below this many weights a matrix is read from cache anyway and the dense matmul's one call is cheaper than the
-# compacted form's five (the gate's [H, D] matrix; 256x256 already gains 1.6x at active fraction 0.2).
+# Below this many weights a matrix is read from cache anyway and the dense matmul's one call is as cheap (the
+# gate's [H, D] matrix; 256x256 already gains 1.6x at active fraction 0.2).
 EVENT_DRIVEN_MIN_WEIGHTS = 32768
 # the cache-flushing pool of crossover(): more than the last-level caches of the machines we run on
 CROSSOVER_POOL_BYTES = 96 << 20
@@ -123,12 +134,20 @@ class SpikeLinear(nn.Linear):
                 torch.compiler.is_compiling():  # a compiled step: static shapes, the dense matmul
             return super().forward(x)
         flat = x.reshape(-1, x.shape[-1])
-        if invariant:
+        worth_it = flat.shape[0] <= EVENT_DRIVEN_MAX_ROWS and self.weight.numel() >= EVENT_DRIVEN_MIN_WEIGHTS
+        if not (invariant or worth_it):
+            return super().forward(x)
+        if kernel_supports(flat):  # the C loop: one call, each active input's row read once, batch-invariant
+            rows = flat.shape[0]
+            rate = EVENT_DRIVEN_MAX_RATE_ONE_ROW if rows == 1 else \
+                EVENT_DRIVEN_MAX_RATE_ONE_SEQUENCE if rows <= 8 else EVENT_DRIVEN_MAX_RATE
+            out = spike_matmul_kernel(flat, self.weight_t(), None if invariant else int(rate * flat.numel()))
+            if out is None:
+                return super().forward(x)  # too many spikes: the dense matmul is faster
+        elif invariant:
             rows, inputs = flat.nonzero(as_tuple=True)
             out = _gather_sum(flat, rows, inputs, self.weight_t(), self.counts)
         else:
-            if flat.shape[0] > EVENT_DRIVEN_MAX_ROWS or self.weight.numel() < EVENT_DRIVEN_MIN_WEIGHTS:
-                return super().forward(x)
             active = flat.any(0).nonzero().squeeze(1)
             if active.numel() > EVENT_DRIVEN_MAX_ACTIVE * self.in_features:
                 return super().forward(x)  # too many active inputs: the dense matmul is faster
@@ -141,41 +160,52 @@ class SpikeLinear(nn.Linear):
         return super().extra_repr() + (", fed spike counts" if self.counts else ", fed spikes")
 
 
-def crossover(shapes=CROSSOVER_SHAPES, active=(0.1, 0.3, 0.5, 0.7),
-              time_steps=4, fire_when_active=0.7, passes=3, pool_bytes=CROSSOVER_POOL_BYTES, dtype=torch.float32):
-    """Dense against compacted against gather-sum time for one decode step's spikes ([T, in], batch 1), as a
-    decode step meets them: each shape's matrix is copied until the copies fill `pool_bytes` (more than the
-    cache) and every timing pass visits each copy once, so each call reads its weights from memory. Spikes: a
-    fraction `active` of the inputs may fire, each at each step with probability `fire_when_active`.
-    -> rows of {in, out, active, rate, dense_us, compacted_us, gather_us, speedup} (speedup: dense over
-    compacted, best of `passes`), and per shape the highest active fraction at which the compacted form was
-    faster (`spikelm bench` reports them; EVENT_DRIVEN_MAX_ACTIVE is set from such a run)."""
+def crossover(shapes=CROSSOVER_SHAPES, active=(0.1, 0.3, 0.5, 0.7), batches=(1, 8), time_steps=4,
+              fire_when_active=0.7, passes=3, pool_bytes=CROSSOVER_POOL_BYTES, dtype=torch.float32):
+    """Dense against the event-driven forms (C kernel where available, compacted, gather-sum) for one decode
+    step's spikes ([T * batch, in]), as a decode step meets them: each shape's matrix is copied until the copies
+    fill `pool_bytes` (more than the cache) and every timing pass visits each copy once, so each call reads its
+    weights from memory. Spikes: in each sequence a fraction `active` of the inputs may fire, each at each step
+    with probability `fire_when_active`.
+    -> rows of {in, out, batch, active, rate, dense_us, kernel_us (None without the kernel), compacted_us,
+    gather_us} (best of `passes`), and per shape and batch the highest firing rate at which the kernel, and the
+    highest active fraction at which the compacted form, beat dense (`spikelm bench` reports them;
+    EVENT_DRIVEN_MAX_RATE and EVENT_DRIVEN_MAX_ACTIVE are set from such runs)."""
     generator = torch.Generator().manual_seed(0)
+    with_kernel = kernel_supports(torch.empty(0, dtype=dtype))
     rows = []
     for d_in, d_out in shapes:
         copies = max(2, pool_bytes // (d_in * d_out * torch.finfo(dtype).bits // 8))
         weights = [torch.randn(d_out, d_in, generator=generator, dtype=dtype) for _ in range(copies)]
         weights_t = [w.t().contiguous() for w in weights]
-        for fraction in active:
-            may_fire = torch.rand(d_in, generator=generator) < fraction
-            spikes = ((torch.rand(time_steps, d_in, generator=generator) < fire_when_active) & may_fire).to(dtype)
-            timings = {}
-            for name, fn in (("dense", lambda k: F.linear(spikes, weights[k])),
-                             ("compacted", lambda k: compacted_matmul(spikes, weights_t[k])),
-                             ("gather", lambda k: event_driven_matmul(spikes, weights_t[k]))):
-                best = float("inf")
-                for _ in range(passes + 1):  # the first pass warms up
-                    start = time.perf_counter()
-                    for k in range(copies):
-                        fn(k)
-                    best = min(best, (time.perf_counter() - start) / copies)
-                timings[name] = best * 1e6
-            rows.append({"in": d_in, "out": d_out, "active": float(spikes.any(0).float().mean()),
-                         "rate": float(spikes.mean()), "dense_us": timings["dense"],
-                         "compacted_us": timings["compacted"], "gather_us": timings["gather"],
-                         "speedup": timings["dense"] / timings["compacted"]})
-    faster = {}
+        for batch in batches:
+            for fraction in active:
+                may_fire = (torch.rand(batch, 1, d_in, generator=generator) < fraction)
+                fired = torch.rand(batch, time_steps, d_in, generator=generator) < fire_when_active
+                spikes = (fired & may_fire).to(dtype).view(batch * time_steps, d_in)
+                forms = {"dense": lambda k: F.linear(spikes, weights[k]),
+                         "compacted": lambda k: compacted_matmul(spikes, weights_t[k]),
+                         "gather": lambda k: event_driven_matmul(spikes, weights_t[k])}
+                if with_kernel:
+                    forms["kernel"] = lambda k: spike_matmul_kernel(spikes, weights_t[k])
+                timings = {"kernel": None}
+                for name, fn in forms.items():
+                    best = float("inf")
+                    for _ in range(passes + 1):  # the first pass warms up
+                        start = time.perf_counter()
+                        for k in range(copies):
+                            fn(k)
+                        best = min(best, (time.perf_counter() - start) / copies)
+                    timings[name] = best * 1e6
+                rows.append({"in": d_in, "out": d_out, "batch": batch, "active": float(spikes.any(0).float().mean()),
+                             "rate": float(spikes.mean()), **{f"{name}_us": us for name, us in timings.items()}})
+    kernel_faster, compacted_faster = {}, {}
     for row in rows:
-        key = f"{row['in']}x{row['out']}"
-        faster[key] = max(faster.get(key, 0.0), row["active"] if row["speedup"] > 1 else 0.0)
-    return {"rows": rows, "highest_active_faster": faster}
+        key = f"{row['in']}x{row['out']} batch {row['batch']}"
+        if row["kernel_us"] is not None:
+            kernel_faster[key] = max(kernel_faster.get(key, 0.0),
+                                     row["rate"] if row["kernel_us"] < row["dense_us"] else 0.0)
+        compacted_faster[key] = max(compacted_faster.get(key, 0.0),
+                                    row["active"] if row["compacted_us"] < row["dense_us"] else 0.0)
+    return {"rows": rows, "kernel_highest_rate_faster": kernel_faster,
+            "compacted_highest_active_faster": compacted_faster}

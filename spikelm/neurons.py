@@ -17,7 +17,8 @@ The step is written once, `lif_step` (and its backward once, `lif_step_backward`
   preallocated buffers (less memory, fewer page faults);
 - `LIFMultiStepCompiled` and `lif_inference`'s compiled kernel: the same loops under `torch.compile`, which
   fuses the T steps into one generated kernel;
-- `lif_inference`: no autograd, one membrane buffer updated in place.
+- `lif_inference`: no autograd; on the CPU the C kernel of `spikelm.kernels` (the same step in a C loop: one call
+  instead of 3T + 4), else one membrane buffer updated in place.
 Tests check that they agree (tests/test_neurons.py).
 """
 
@@ -27,6 +28,9 @@ import warnings
 
 import torch
 from torch import nn
+
+from .kernels import lif as lif_kernel
+from .kernels import supports as kernel_supports
 
 # ---------------------------------------------------------------- surrogates
 # Each surrogate is a smooth primitive g (a soft step) and its derivative g'.
@@ -223,8 +227,13 @@ def lif_multistep(current, leak, threshold, reset="soft", surrogate="arctan", al
 
 
 def lif_inference(current, leak, threshold, reset="soft", initial_membrane=0.0):
-    """Multi-step LIF without autograd: the same spikes as lif_multistep (tests/test_neurons.py). Eager: one
-    membrane buffer updated in place; compiled: the T steps in one generated kernel."""
+    """Multi-step LIF without autograd: the same spikes as lif_multistep (tests/test_neurons.py). On the CPU,
+    the C kernel (spikelm.kernels: the T steps in one call of a few microseconds); compiled: the T steps in one
+    generated kernel (large populations); eager: one membrane buffer updated in place. leak: a number or a
+    0-dim tensor."""
+    if not _use_compiled(current) and kernel_supports(current):
+        return lif_kernel(current, leak if isinstance(leak, float) else float(leak), threshold, reset == "soft",
+                           initial_membrane)
     leak = _as_leak(leak, current)
 
     def eager():  # few dispatches: a decode step runs ~30 populations of T steps, each op a few microseconds
@@ -382,7 +391,9 @@ class SpikingNeuron(nn.Module):
                              f"got {tuple(current.shape)}")
         if self.leak_logit is not None:
             leak = torch.sigmoid(self.leak_logit).to(current.dtype)
-        else:  # made once per dtype and device: a decode step calls every population, each a few microseconds
+        elif not torch.is_grad_enabled():  # inference: the number itself (the C kernel takes it as it is)
+            leak = self.fixed_leak
+        else:  # made once per dtype and device
             key = (current.dtype, current.device)
             if self._fixed_leak_tensor is None or self._fixed_leak_tensor[0] != key:
                 self._fixed_leak_tensor = (key, torch.tensor(self.fixed_leak, dtype=current.dtype,

@@ -85,7 +85,7 @@ def test_quick_bench_writes_every_field(tmp_path, capsys):
     assert event["same_tokens"] == (event["dense_tokens"] == event["event_driven_tokens"])
     assert len({row["in"] for row in event["crossover"]["rows"]}) >= 2
     assert all(positive(row[key]) for row in event["crossover"]["rows"]
-               for key in ("dense_us", "compacted_us", "gather_us", "active"))
+               for key in ("dense_us", "kernel_us", "compacted_us", "gather_us", "active"))
     markdown = out.with_suffix(".md").read_text()
     assert "| spikelm T=4 | 512 |" in markdown and "SpikingJelly" in markdown
     page = results_page(bench=report)  # docs/results.md is rendered from the JSON alone

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from spikelm import SpikeLMForCausalLM
-from spikelm import event_driven
+from spikelm import event_driven, kernels
 from spikelm.event_driven import SpikeLinear, compacted_matmul, event_driven_matmul
 from conftest import tiny_config
 
@@ -12,7 +12,30 @@ def spikes(*shape, rate=0.1, seed=0):
     return (torch.rand(*shape, generator=generator) < rate).float()
 
 
-@pytest.mark.parametrize("form", ["gather", "compacted"])
+@pytest.fixture(params=["kernel", "torch"])
+def event_path(request, monkeypatch):
+    """Each test runs on the C kernel and on the PyTorch forms that stand in where there is no C compiler; it
+    yields a list that gets one entry per event-driven matmul computed."""
+    if request.param == "kernel":
+        assert kernels.available()  # the machines we test on have a C compiler: never skip this silently
+    else:
+        monkeypatch.setattr(kernels, "_library", False)  # as where no C compiler is found
+    computed = []
+
+    def counting(name, original):
+        def wrapper(*args, **kwargs):
+            out = original(*args, **kwargs)
+            if out is not None:  # the kernel answers None when it leaves the matmul to the dense path
+                computed.append(name)
+            return out
+        return wrapper
+
+    for name in ("spike_matmul_kernel", "_compacted", "_gather_sum"):
+        monkeypatch.setattr(event_driven, name, counting(name, getattr(event_driven, name)))
+    return computed
+
+
+@pytest.mark.parametrize("form", ["gather", "compacted", "kernel"])
 @pytest.mark.parametrize("counts", [False, True])
 def test_event_driven_forms_equal_the_dense_matmul(counts, form):
     torch.manual_seed(0)
@@ -20,51 +43,47 @@ def test_event_driven_forms_equal_the_dense_matmul(counts, form):
     x = spikes(4, 3, 200, rate=0.2)
     if counts:  # whole-number spike counts 0..4, as the LM head gets them
         x = spikes(4, 3, 200, rate=0.3, seed=1) + spikes(4, 3, 200, rate=0.3, seed=2) * 3
-    x[..., :50] = 0  # inputs silent in every row: the compacted form reads none of their weights
-    matmul = (lambda x, w: event_driven_matmul(x, w, counts=counts)) if form == "gather" else compacted_matmul
+    x[..., :50] = 0  # inputs silent in every row: the compacted form and the kernel read none of their weights
+    matmul = {"gather": lambda x, w: event_driven_matmul(x, w, counts=counts), "compacted": compacted_matmul,
+              "kernel": lambda x, w: kernels.spike_matmul(x.reshape(-1, 200), w).view(4, 3, 96)}[form]
     dense64 = x.double() @ weight.double().t()
     event64 = matmul(x.double(), weight.double().t().contiguous())
     assert torch.equal(event64, dense64)  # float64: sums of float32 weights are exact in any order
     event32 = matmul(x, weight.t().contiguous())
     assert torch.allclose(event32, x @ weight.t(), rtol=0, atol=1e-4)  # float32: rounding only
     assert event32.shape == (4, 3, 96) and event32.abs().sum() > 0
+    if form == "kernel":  # the same sums in the same order as the gather-sum: equal in float32 too
+        assert torch.equal(event32, event_driven_matmul(x, weight.t().contiguous(), counts=counts))
+        assert kernels.spike_matmul(x.reshape(-1, 200), weight.t().contiguous(), max_nonzero=10) is None
 
 
-def test_spike_linear_takes_the_event_path_only_when_sparse_and_not_training():
+def test_spike_linear_takes_the_event_path_only_when_sparse_and_not_training(event_path):
     torch.manual_seed(0)
     layer = SpikeLinear(300, 200).double()  # 60,000 weights: above EVENT_DRIVEN_MIN_WEIGHTS
-    calls = []
-    original = event_driven._compacted
-    event_driven._compacted = lambda *args: calls.append(1) or original(*args)
-    try:
-        # active fractions ~0.19 and ~0.92: below and above EVENT_DRIVEN_MAX_ACTIVE
-        sparse, dense = spikes(4, 1, 300, rate=0.05).double(), spikes(4, 1, 300, rate=0.6).double()
-        with torch.no_grad():
-            assert torch.equal(layer(sparse), sparse @ layer.weight.t())
-            assert len(calls) == 1
-            assert torch.equal(layer(dense), dense @ layer.weight.t())
-            assert len(calls) == 1  # above the crossover rate: dense
-        out = layer(sparse.requires_grad_())  # autograd on: dense, with gradients
-        out.sum().backward()
-        assert len(calls) == 1 and layer.weight.grad is not None
-        with torch.no_grad():  # the transposed copy follows the weight when it changes
-            layer.weight.mul_(2)
-            assert torch.equal(layer(sparse.detach()), sparse.detach() @ layer.weight.t())
-        assert len(calls) == 2
-    finally:
-        event_driven._compacted = original
-    small, sparse = SpikeLinear(100, 20).double(), spikes(4, 1, 100, rate=0.05).double()
-    event_driven._compacted = lambda *args: calls.append(1) or original(*args)
-    try:
-        with torch.no_grad():  # 2,000 weights: read from cache anyway, so always dense
-            assert torch.equal(small(sparse), sparse @ small.weight.t())
-        assert len(calls) == 2
-    finally:
-        event_driven._compacted = original
+    # firing rates 0.05 and 0.6 (active fractions ~0.19 and ~0.97): below and above both crossovers
+    sparse, dense = spikes(4, 1, 300, rate=0.05).double(), spikes(4, 1, 300, rate=0.6).double()
+    with torch.no_grad():
+        assert torch.equal(layer(sparse), sparse @ layer.weight.t())
+        assert len(event_path) == 1
+        assert torch.equal(layer(dense), dense @ layer.weight.t())
+        assert len(event_path) == 1  # above the crossover: dense
+    out = layer(sparse.requires_grad_())  # autograd on: dense, with gradients
+    out.sum().backward()
+    assert len(event_path) == 1 and layer.weight.grad is not None
+    with torch.no_grad():  # the transposed copy follows the weight when it changes
+        layer.weight.mul_(2)
+        assert torch.equal(layer(sparse.detach()), sparse.detach() @ layer.weight.t())
+        assert len(event_path) == 2
+        small, sparse = SpikeLinear(100, 20).double(), spikes(4, 1, 100, rate=0.05).double()
+        assert torch.equal(small(sparse), sparse @ small.weight.t())  # 2,000 weights: in cache anyway, dense
+        assert len(event_path) == 2
+        small.batch_invariant = True  # ... unless every row must be summed in its own fixed order
+        assert torch.equal(small(sparse), sparse @ small.weight.t())
+        assert len(event_path) == 3
 
 
 @pytest.mark.parametrize("kind", ["ssa", "sdsa"])
-def test_generation_event_driven_equals_dense(kind, monkeypatch):
+def test_generation_event_driven_equals_dense(kind, event_path, monkeypatch):
     # float64: the same logits bit for bit; float32: the same tokens here, logits within rounding
     monkeypatch.setattr(event_driven, "EVENT_DRIVEN_MIN_WEIGHTS", 0)  # the tiny model's matrices take it too
     torch.manual_seed(0)
@@ -75,16 +94,11 @@ def test_generation_event_driven_equals_dense(kind, monkeypatch):
         results = []
         for enabled in (True, False):
             event_driven.set_event_driven(model, enabled)
-            calls = []
-            original = event_driven._compacted
-            event_driven._compacted = lambda *args: calls.append(1) or original(*args)
-            try:
-                with torch.no_grad():
-                    out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0,
-                                         output_logits=True, return_dict_in_generate=True)
-            finally:
-                event_driven._compacted = original
-            assert (len(calls) > 0) == enabled  # the event-driven path did run (only) when enabled
+            event_path.clear()
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0,
+                                     output_logits=True, return_dict_in_generate=True)
+            assert (len(event_path) > 0) == enabled  # the event-driven path did run (only) when enabled
             results.append((out.sequences, torch.stack(out.logits)))
         event_driven.set_event_driven(model, True)
         (tokens_event, logits_event), (tokens_dense, logits_dense) = results
@@ -95,7 +109,7 @@ def test_generation_event_driven_equals_dense(kind, monkeypatch):
             assert torch.allclose(logits_event, logits_dense, rtol=0, atol=1e-4)
 
 
-def test_batch_invariant_float32_a_row_alone_equals_it_in_a_batch_of_32():
+def test_batch_invariant_float32_a_row_alone_equals_it_in_a_batch_of_32(event_path):
     torch.manual_seed(0)
     model = SpikeLMForCausalLM(tiny_config("ssa", hidden_size=64, intermediate_size=128)).eval()
     ids = torch.randint(0, 48, (32, 6))
@@ -108,6 +122,7 @@ def test_batch_invariant_float32_a_row_alone_equals_it_in_a_batch_of_32():
             alone_step = model(ids[row:row + 1, :1], cache=alone.cache, use_cache=True).logits
             assert torch.equal(alone.logits[0], batch.logits[row])
             assert torch.equal(alone_step[0], batch_step[row])
+    assert event_path  # every matrix through the kernel or the gather-sum
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

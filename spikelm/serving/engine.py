@@ -10,10 +10,12 @@ How a request flows:
     state per sequence), then spends what is left of the step's token budget (step_tokens) on prompt chunks,
     each sequence's chunk in a forward of its own. A long prompt therefore delays the active streams by one
     chunk per step, never by its whole prefill (the chunked prefill of Sarathi-Serve, Agrawal et al. 2024).
-    A prompt whose last chunk has run samples its first token, leaves a snapshot of its state in the prefix
-    cache (taken one token before its end), and joins the batch. Each row is sampled with the sequence's own generator; a failure while
-    sampling one row fails that sequence alone. A finished or cancelled sequence leaves the batch through
-    `batch_select_indices`.
+    A prompt leaves a snapshot of its state in the prefix cache one token before its end; its last token then
+    runs as a row of the next decode step (a one-token step, as it would alone: the same numbers, without a
+    forward of its own), which samples its first token, and it stays in the batch. Each row is sampled with the
+    sequence's own generator; a failure while sampling one row fails that sequence alone. A finished or
+    cancelled sequence leaves the batch through `batch_select_indices`. The events of a forward go out
+    together once its rows are sampled, so that the listener (the HTTP app's event loop) wakes once per step.
 
 Determinism. A spike is a threshold: a rounding difference of one ulp can flip it, and a flipped spike changes
 everything after it. Matrix kernels sum in an order that depends on the batch size (a matrix-vector product
@@ -241,6 +243,7 @@ class Engine:
         self._active: list[Sequence] = []
         self._cache = None  # the batched recurrent state of self._active, row i = self._active[i]
         self._counts = CounterSwitch()  # where the model's counting hooks send each forward's counts
+        self._outbox: list[tuple[Sequence, SequenceEvent]] = []  # events of the current forward, not yet sent
         self._wakeup = threading.Condition()
         self._stopping = False
         self._thread = None
@@ -319,15 +322,17 @@ class Engine:
                         break
                 self._drop_cancelled()
                 self._admit()
-                if self._active:
+                joining = [s for s in self._prefilling if self._joins_decode(s)]
+                if self._active or joining:
                     try:
-                        self._decode_step()
+                        self._decode_step(joining)
                     except Exception:  # the batched forward itself failed: its sequences fail, the engine lives
                         logger.exception("decode step failed for requests %s",
                                          [s.request_id for s in self._active])
                         for sequence in self._active:
                             self._fail(sequence)
                         self._active, self._cache = [], None
+                    self._deliver()
                 # the budget protects decoding streams; with none, a prompt runs in chunks as large as the idle budget
                 budget = self.step_tokens - len(self._active) if self._active else self.idle_prefill_tokens
                 self._prefill_step(max(budget, self.min_prefill_chunk))
@@ -338,6 +343,7 @@ class Engine:
         for sequence in left:
             self._emit(sequence, SequenceEvent(error="the server is shutting down: retry later",
                                                finish_reason="error", retryable=True))
+        self._deliver()
 
     def _admit(self):
         """Give free slots to waiting sequences, each resumed from the longest cached prefix of its prompt."""
@@ -376,12 +382,12 @@ class Engine:
                 logger.exception("prefill failed for request %s", sequence.request_id)
                 self._prefilling.remove(sequence)
                 self._fail(sequence)
+                self._deliver()
                 continue
             if logits is None:
                 continue
-            # the prompt's firing rate by layer over its chunks (each layer's neuron steps grow with the tokens)
-            rates = {layer: spikes / sequence.tokens_processed for layer, spikes in sequence.prompt_layer_spikes.items()}
-            finished = self._accept(sequence, logits, sequence.prompt_energy, rates)
+            finished = self._accept(sequence, logits, *self._prompt_counts(sequence))
+            self._deliver()
             with self._wakeup:  # from prefilling to active in one move: submit() never sees the slot free
                 self._prefilling.remove(sequence)
                 if not finished:
@@ -399,15 +405,31 @@ class Engine:
         output = self.model(input_ids=ids, cache=sequence.cache, use_cache=True, logits_to_keep=1)
         sequence.cache = output.cache
         sequence.prefilled += chunk
-        sequence.tokens_processed += chunk
-        energy, rates = counter.per_row()[0]
-        sequence.prompt_energy += energy
-        for layer, rate in rates.items():
-            sequence.prompt_layer_spikes[layer] = sequence.prompt_layer_spikes.get(layer, 0.0) + rate * chunk
+        self._add_prompt_counts(sequence, *counter.per_row()[0], chunk)
         self.prefill_chunks += 1
         if sequence.prefilled in self._snapshot_points(sequence):
             self.prefix_cache.insert(sequence.prompt_ids[:sequence.prefilled], sequence.cache)
         return output.logits[0, -1] if sequence.prefilled == len(sequence.prompt_ids) else None
+
+    @staticmethod
+    def _add_prompt_counts(sequence, energy: EnergyCounts, rates: dict[str, float], tokens: int):
+        sequence.tokens_processed += tokens
+        sequence.prompt_energy += energy
+        for layer, rate in rates.items():
+            sequence.prompt_layer_spikes[layer] = sequence.prompt_layer_spikes.get(layer, 0.0) + rate * tokens
+
+    @staticmethod
+    def _prompt_counts(sequence) -> tuple[EnergyCounts, dict[str, float]]:
+        """The whole prompt's energy, and its firing rate by layer over its chunks (each layer's neuron steps
+        grow with the tokens): what its first token's event carries."""
+        rates = {layer: spikes / sequence.tokens_processed for layer, spikes in sequence.prompt_layer_spikes.items()}
+        return sequence.prompt_energy, rates
+
+    @staticmethod
+    def _joins_decode(sequence) -> bool:
+        """Whether the prompt's only token left runs as a row of the decode step: it continues a state, so
+        alone it would run as a one-token step too."""
+        return sequence.cache is not None and sequence.prefilled == len(sequence.prompt_ids) - 1
 
     def _snapshot_points(self, sequence) -> tuple[int, ...]:
         """Prompt lengths after which the prefix cache keeps the state: where the prompt parts from a cached
@@ -417,9 +439,17 @@ class Engine:
             return ()
         return sequence.snapshot_at, len(sequence.prompt_ids) - 1
 
-    def _decode_step(self):
+    def _decode_step(self, joining):
+        """One forward over the last token of every active sequence and of every prompt in `joining` (whose
+        other tokens have run): they join the batch here, their first token sampled from this forward."""
+        for sequence in joining:
+            self._cache = sequence.cache if self._cache is None else self._cache.append_rows(sequence.cache)
+            sequence.cache = None
+        with self._wakeup:  # from prefilling to active in one move: submit() never sees the slot free
+            self._prefilling = [s for s in self._prefilling if s not in joining]
+            self._active = self._active + joining
         batch = self._active
-        ids = torch.tensor([[s.generated[-1]] for s in batch], dtype=torch.long)
+        ids = torch.tensor([[(s.generated or s.prompt_ids)[-1]] for s in batch], dtype=torch.long)
         # continuing sequences: each row's context so far (its prompt, cached part included, and its tokens)
         counter = self._counts.use(EnergyCounter(positions=[len(s.prompt_ids) + len(s.generated) - 1 for s in batch]))
         output = self.model(input_ids=ids, cache=self._cache, use_cache=True)
@@ -428,7 +458,11 @@ class Engine:
         self.last_batch_size = len(batch)
         keep = []
         for row, (sequence, (energy, rates)) in enumerate(zip(batch, counter.per_row())):
-            sequence.tokens_processed += 1
+            if sequence.generated:
+                sequence.tokens_processed += 1
+            else:  # a prompt's last token: its first token carries the whole prompt's counts
+                self._add_prompt_counts(sequence, energy, rates, 1)
+                energy, rates = self._prompt_counts(sequence)
             if not self._accept(sequence, output.logits[row, -1], energy, rates):
                 keep.append(row)
         self._keep_rows(keep)
@@ -498,8 +532,14 @@ class Engine:
                             gpt2_pj=self._gpt2_pj(sequence.energy), summary=summary)
 
     def _emit(self, sequence, event):
-        try:
-            sequence.on_event(event)
-        except Exception:  # the listener's problem (e.g. its event loop closed): drop the sequence
-            logger.exception("event delivery failed for request %s", sequence.request_id)
-            sequence.cancel()
+        self._outbox.append((sequence, event))
+
+    def _deliver(self):
+        """Send the events the last forward made."""
+        outbox, self._outbox = self._outbox, []
+        for sequence, event in outbox:
+            try:
+                sequence.on_event(event)
+            except Exception:  # the listener's problem (e.g. its event loop closed): drop the sequence
+                logger.exception("event delivery failed for request %s", sequence.request_id)
+                sequence.cancel()

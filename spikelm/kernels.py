@@ -1,0 +1,187 @@
+"""Two C kernels for inference on the CPU: a neuron population's T steps, and a matmul fed spikes.
+
+A decode step is a few hundred operations on vectors of a few hundred numbers, so its time goes to calling
+them (about 2 microseconds each through PyTorch here), not to arithmetic. A population's T steps are 3 * T + 4
+such calls in eager PyTorch; `torch.compile` fuses them into one kernel but costs ~0.1 ms to call. These are
+plain C loops called through ctypes (a few microseconds), compiled on first use with the system's C compiler
+(`cc`, or $CC) into a per-user cache and loaded from there afterwards; where there is no compiler, or
+SPIKELM_C_KERNELS=0, `available()` is False and the callers take their PyTorch paths.
+
+Both compute exactly what those PyTorch paths compute, operation for operation (tests/test_kernels.py):
+- `lif`: charge h = x + v * leak, fire s = (h >= theta), reset v = h - theta * s (soft) or h * (1 - s) (hard),
+  the arithmetic of `neurons.lif_step`; floating-point contraction is off (-ffp-contract=off), so no fused
+  multiply-add rounds differently from PyTorch's separate multiply and add.
+- `spike_matmul`: out[r] = sum over inputs i, in increasing order, of x[r, i] * W_t[i] (W_t = W.T, [in, out]),
+  for spikes (x in {0, 1}) or spike counts: the gather-sum of `event_driven` (each output row sums its own
+  inputs' rows in a fixed order, so a row's numbers do not depend on the other rows: batch-invariant). The loop
+  runs over inputs outside and rows inside, so each active input's weight row is read from memory once however
+  many of the T steps (and batch rows) fired it. It first counts the non-zero inputs and, above `max_nonzero`,
+  returns -1 without computing (the caller takes the dense matmul).
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = r"""
+#include <stdint.h>
+
+#define LIF(NAME, REAL)                                                                                      \
+void NAME(const REAL *current, REAL *spikes, int64_t steps, int64_t n, double leak_, double threshold_,   \
+          int soft, double initial_) {                                                                       \
+    const REAL leak = (REAL)leak_, threshold = (REAL)threshold_, initial = (REAL)initial_;                  \
+    for (int64_t j = 0; j < n; j++) {                                                                        \
+        REAL membrane = initial;                                                                             \
+        for (int64_t t = 0; t < steps; t++) {                                                                \
+            REAL charged = current[t * n + j] + membrane * leak;                                             \
+            int fired = charged >= threshold;                                                                \
+            spikes[t * n + j] = fired ? (REAL)1 : (REAL)0;                                                   \
+            membrane = fired ? (soft ? charged - threshold : (REAL)0) : charged;                             \
+        }                                                                                                    \
+    }                                                                                                        \
+}
+
+#define SPIKE_MATMUL(NAME, REAL)                                                                             \
+int64_t NAME(const REAL *x, int64_t rows, int64_t in, const REAL *weight_t, int64_t out, REAL *result,    \
+             int64_t max_nonzero) {                                                                          \
+    int64_t nonzero = 0;                                                                                     \
+    for (int64_t k = 0; k < rows * in; k++) nonzero += x[k] != 0;                                            \
+    if (nonzero > max_nonzero) return -1;                                                                    \
+    for (int64_t k = 0; k < rows * out; k++) result[k] = 0;                                                  \
+    for (int64_t i = 0; i < in; i++) {                                                                       \
+        const REAL *w = weight_t + i * out;                                                                  \
+        for (int64_t r = 0; r < rows; r++) {                                                                 \
+            const REAL c = x[r * in + i];                                                                    \
+            if (c == 0) continue;                                                                            \
+            REAL *o = result + r * out;                                                                      \
+            if (c == 1) for (int64_t k = 0; k < out; k++) o[k] += w[k];                                      \
+            else for (int64_t k = 0; k < out; k++) o[k] += c * w[k];                                         \
+        }                                                                                                    \
+    }                                                                                                        \
+    return nonzero;                                                                                          \
+}
+
+LIF(spikelm_lif_f32, float)
+LIF(spikelm_lif_f64, double)
+SPIKE_MATMUL(spikelm_spike_matmul_f32, float)
+SPIKE_MATMUL(spikelm_spike_matmul_f64, double)
+"""
+
+# -O3 vectorises the row sums; -march=native for this machine's vector width (the cache key names the machine);
+# -ffp-contract=off keeps every multiply and add rounded on its own, as in PyTorch's kernels.
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=c99"]
+_LIF_ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_double, ctypes.c_double,
+             ctypes.c_int, ctypes.c_double]
+_MATMUL_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                ctypes.c_int64]
+_library = None  # the loaded kernels, False where they cannot be had
+_lock = threading.Lock()
+
+
+def cache_dir() -> Path:
+    """$SPIKELM_CACHE/kernels, else $XDG_CACHE_HOME/spikelm/kernels, else ~/.cache/spikelm/kernels."""
+    if os.environ.get("SPIKELM_CACHE"):
+        return Path(os.environ["SPIKELM_CACHE"]) / "kernels"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "spikelm" / "kernels"
+
+
+def _machine_key() -> str:
+    """The source, the flags and this CPU (its name and features: -march=native code may not run elsewhere)."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu += "".join(line for line in info if line.startswith(("flags", "model name")))
+    except OSError:
+        pass
+    return hashlib.sha256("\n".join([SOURCE, " ".join(FLAGS), cpu, sys.platform]).encode()).hexdigest()[:16]
+
+
+def _build(target: Path):
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        raise OSError("no C compiler (cc, gcc or clang) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        source, built = Path(scratch) / "kernels.c", Path(scratch) / target.name
+        source.write_text(SOURCE)
+        result = subprocess.run([compiler, *FLAGS, str(source), "-o", str(built)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise OSError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
+        os.replace(built, target)  # atomic: another process loading it sees the whole file or none
+
+
+def _load():
+    global _library
+    if _library is not None:
+        return _library
+    with _lock:
+        if _library is not None:
+            return _library
+        _library = False
+        if os.environ.get("SPIKELM_C_KERNELS", "1") == "0" or sys.platform == "win32":
+            return _library
+        name = f"spikelm_kernels_{_machine_key()}.so"
+        try:
+            target = cache_dir() / name
+            if not target.exists():
+                _build(target)
+            library = ctypes.CDLL(str(target))
+        except (OSError, RuntimeError):
+            try:  # a read-only or missing home: build in a temporary directory for this process
+                target = Path(tempfile.mkdtemp(prefix="spikelm-kernels-")) / name
+                _build(target)
+                library = ctypes.CDLL(str(target))
+            except OSError:  # no compiler: the PyTorch paths
+                return _library
+        for name in ("spikelm_lif_f32", "spikelm_lif_f64"):
+            getattr(library, name).argtypes = _LIF_ARGS
+        for name in ("spikelm_spike_matmul_f32", "spikelm_spike_matmul_f64"):
+            getattr(library, name).argtypes = _MATMUL_ARGS
+            getattr(library, name).restype = ctypes.c_int64
+        _library = library
+        return _library
+
+
+def available() -> bool:
+    """Whether the kernels are compiled and loaded here (compiling them on the first call)."""
+    return bool(_load())
+
+
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def supports(x: torch.Tensor) -> bool:
+    """A CPU tensor of float32 or float64, and the kernels are here."""
+    return x.device.type == "cpu" and x.dtype in _SUFFIX and available()
+
+
+def lif(current: torch.Tensor, leak: float, threshold: float, soft: bool, initial_membrane: float) -> torch.Tensor:
+    """current [T, ...] -> spikes [T, ...] (0 or 1): `neurons.lif_inference`'s numbers. `supports(current)`."""
+    current = current.contiguous()
+    spikes = torch.empty_like(current)
+    n = current[0].numel() if current.shape[0] else 0
+    getattr(_library or _load(), f"spikelm_lif_{_SUFFIX[current.dtype]}")(
+        current.data_ptr(), spikes.data_ptr(), current.shape[0], n, float(leak), float(threshold), int(soft),
+        float(initial_membrane))
+    return spikes
+
+
+def spike_matmul(x: torch.Tensor, weight_t: torch.Tensor, max_nonzero: int | None = None):
+    """x [rows, in] (spikes or spike counts), weight_t [in, out] (contiguous, x's dtype) -> x @ weight_t, summed
+    as the gather-sum sums it; None where x has more than `max_nonzero` non-zeros (the caller goes dense)."""
+    x = x.contiguous()
+    rows, d_in = x.shape
+    out = torch.empty(rows, weight_t.shape[1], dtype=x.dtype)
+    nonzero = getattr(_library or _load(), f"spikelm_spike_matmul_{_SUFFIX[x.dtype]}")(
+        x.data_ptr(), rows, d_in, weight_t.data_ptr(), weight_t.shape[1], out.data_ptr(),
+        x.numel() if max_nonzero is None else int(max_nonzero))
+    return None if nonzero < 0 else out

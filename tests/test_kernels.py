@@ -1,0 +1,59 @@
+import pytest
+import torch
+
+from spikelm import kernels, neurons
+from spikelm.neurons import lif_multistep
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reset", ["soft", "hard"])
+@pytest.mark.parametrize("leak", [0.5, 0.6, 1.0])
+def test_lif_kernel_gives_the_spikes_of_the_pytorch_step(dtype, reset, leak):
+    assert kernels.available()
+    current = torch.randn(4, 3, 500, dtype=dtype) * 1.5
+    leak = torch.tensor(leak, dtype=dtype)
+    for initial in (0.0, 0.5):
+        expected = lif_multistep(current, leak, 1.0, reset, initial_membrane=initial)  # autograd's fast path
+        got = kernels.lif(current, leak.item(), 1.0, reset == "soft", initial)
+        assert torch.equal(got, expected) and got.dtype == dtype
+        assert 0 < got.mean() < 1
+    # a non-contiguous input (a view) gives the same spikes
+    wide = torch.randn(4, 6, dtype=dtype)
+    assert torch.equal(kernels.lif(wide[:, ::2], 0.5, 1.0, True, 0.0),
+                       kernels.lif(wide[:, ::2].contiguous(), 0.5, 1.0, True, 0.0))
+
+
+def test_spike_counts_by_hand():
+    # one neuron, leak 0.5, threshold 1, soft reset: h = 0.6, 1.3 (spike, v = 0.3), 0.15 + 1.0 = 1.15 (spike)
+    current = torch.tensor([[0.6], [1.0], [1.0]])
+    assert kernels.lif(current, 0.5, 1.0, True, 0.0).flatten().tolist() == [0.0, 1.0, 1.0]
+    # hard reset: 0.6, 1.3 (spike, v = 0), 1.0 (spike)
+    assert kernels.lif(current, 0.5, 1.0, False, 0.0).flatten().tolist() == [0.0, 1.0, 1.0]
+    x = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 1.0]])  # two rows; input 1 never fires
+    weight_t = torch.tensor([[1.0, 10.0], [100.0, 1000.0], [0.5, 0.25]])
+    assert kernels.spike_matmul(x, weight_t).tolist() == [[2.0, 10.5], [0.5, 0.25]]
+    assert kernels.spike_matmul(x, weight_t, max_nonzero=2) is None  # 3 non-zeros: left to the dense matmul
+
+
+def test_without_a_compiler_the_pytorch_paths_run(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_library", None)  # as in a fresh process
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("SPIKELM_CACHE", str(tmp_path / "cache"))  # nothing built here yet
+    assert not kernels.available() and not kernels.supports(torch.zeros(1))
+    current = torch.randn(4, 2, 64)
+    assert torch.equal(neurons.lif_inference(current, 0.5, 1.0), lif_multistep(current, 0.5, 1.0))
+    monkeypatch.setattr(kernels, "_library", None)
+    monkeypatch.setenv("SPIKELM_C_KERNELS", "0")  # switched off
+    monkeypatch.delenv("CC")
+    assert not kernels.available()
+
+
+def test_built_once_into_the_cache_and_loaded_from_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_library", None)
+    monkeypatch.setenv("SPIKELM_CACHE", str(tmp_path))
+    assert kernels.available()
+    built = list((tmp_path / "kernels").glob("spikelm_kernels_*.so"))
+    assert len(built) == 1
+    monkeypatch.setattr(kernels, "_library", None)
+    monkeypatch.setattr(kernels, "_build", lambda target: pytest.fail("built again"))
+    assert kernels.available()  # loaded from the cache
