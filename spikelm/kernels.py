@@ -157,21 +157,29 @@ def available() -> bool:
 
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_functions = {}  # (kernel, dtype) -> the C function: looked up once, a decode step calls them ~50 times
+
+
+def _function(kernel: str, dtype):
+    key = (kernel, dtype)
+    if key not in _functions:
+        _functions[key] = getattr(_load(), f"spikelm_{kernel}_{_SUFFIX[dtype]}")
+    return _functions[key]
 
 
 def supports(x: torch.Tensor) -> bool:
     """A CPU tensor of float32 or float64, and the kernels are here."""
-    return x.device.type == "cpu" and x.dtype in _SUFFIX and available()
+    return x.dtype in _SUFFIX and x.device.type == "cpu" and (bool(_library) or available())
 
 
 def lif(current: torch.Tensor, leak: float, threshold: float, soft: bool, initial_membrane: float) -> torch.Tensor:
     """current [T, ...] -> spikes [T, ...] (0 or 1): `neurons.lif_inference`'s numbers. `supports(current)`."""
     current = current.contiguous()
     spikes = torch.empty_like(current)
-    n = current[0].numel() if current.shape[0] else 0
-    getattr(_library or _load(), f"spikelm_lif_{_SUFFIX[current.dtype]}")(
-        current.data_ptr(), spikes.data_ptr(), current.shape[0], n, float(leak), float(threshold), int(soft),
-        float(initial_membrane))
+    steps = current.shape[0]
+    _function("lif", current.dtype)(current.data_ptr(), spikes.data_ptr(), steps,
+                                    current.numel() // steps if steps else 0, leak, threshold, soft,
+                                    initial_membrane)
     return spikes
 
 
@@ -180,8 +188,8 @@ def spike_matmul(x: torch.Tensor, weight_t: torch.Tensor, max_nonzero: int | Non
     as the gather-sum sums it; None where x has more than `max_nonzero` non-zeros (the caller goes dense)."""
     x = x.contiguous()
     rows, d_in = x.shape
-    out = torch.empty(rows, weight_t.shape[1], dtype=x.dtype)
-    nonzero = getattr(_library or _load(), f"spikelm_spike_matmul_{_SUFFIX[x.dtype]}")(
-        x.data_ptr(), rows, d_in, weight_t.data_ptr(), weight_t.shape[1], out.data_ptr(),
-        x.numel() if max_nonzero is None else int(max_nonzero))
+    d_out = weight_t.shape[1]
+    out = torch.empty(rows, d_out, dtype=x.dtype)
+    nonzero = _function("spike_matmul", x.dtype)(x.data_ptr(), rows, d_in, weight_t.data_ptr(), d_out,
+                                                 out.data_ptr(), x.numel() if max_nonzero is None else max_nonzero)
     return None if nonzero < 0 else out

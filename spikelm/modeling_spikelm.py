@@ -427,11 +427,13 @@ class SpikeLMAttention(nn.Module):
         T, B, n, _ = x.shape
         return x.view(T, B, n, self.num_heads, self.head_dim).transpose(2, 3)
 
-    def forward(self, spikes, mask, state: SpikeLMStateLayer | None, recurrent: bool):
-        """spikes: [T, B, n, D]; mask: [B, n] (1 for real tokens); state: carried in and updated in place."""
+    def forward(self, spikes, mask, state: SpikeLMStateLayer | None, recurrent: bool, padded: bool = True):
+        """spikes: [T, B, n, D]; mask: [B, n] (1 for real tokens); state: carried in and updated in place;
+        padded: False where every token is real (the mask then changes nothing and is not multiplied in)."""
         T, B, n, D = spikes.shape
         dtype = spikes.dtype
-        spikes = spikes * mask[None, :, :, None]  # padded positions send nothing
+        if padded:
+            spikes = spikes * mask[None, :, :, None]  # padded positions send nothing
         q = self.q_neuron(self.q_proj(spikes))
         if self.token_shift:
             previous = state.previous_spikes if state is not None and state.previous_spikes is not None else \
@@ -442,8 +444,9 @@ class SpikeLMAttention(nn.Module):
         else:
             shifted, kv_in = None, spikes
         k, v = self.kv_proj(kv_in).chunk(2, dim=-1)
-        k = self.k_neuron(k) * mask[None, :, :, None]
-        v = self.v_neuron(v) * mask[None, :, :, None]
+        k, v = self.k_neuron(k), self.v_neuron(v)
+        if padded:
+            k, v = k * mask[None, :, :, None], v * mask[None, :, :, None]
 
         log_decay = self.log_decays(spikes)  # [B', H, n]
         H, d = self.num_heads, self.head_dim
@@ -503,9 +506,9 @@ class SpikeLMBlock(nn.Module):
         self.mlp_neuron = make_neuron(config)
         self.mlp = SpikeLMMLP(config)
 
-    def forward(self, membrane, mask, state=None, recurrent=False):
+    def forward(self, membrane, mask, state=None, recurrent=False, padded=True):
         membrane = membrane + self.attention(self.attention_neuron(self.attention_norm(membrane)), mask, state,
-                                             recurrent)
+                                             recurrent, padded)
         return membrane + self.mlp(self.mlp_neuron(self.mlp_norm(membrane)))
 
 
@@ -626,11 +629,12 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         # One token with a state to continue from: the recurrent form. Otherwise the (chunked) parallel form.
         recurrent = cache is not None and n == 1 and cache.seen_tokens > 0
         membrane = inputs_embeds.unsqueeze(0).expand(self.config.time_steps, B, n, D)  # input current at each step
+        padded = not bool(mask.all())  # decoding one sequence: nothing to mask
         compiled = _COMPILED_DECODE.get(self) if recurrent else None
         if compiled is not None and getattr(self.output_neuron, "counter", None) is None:  # energy counts: eager
-            spikes = compiled(self, membrane, mask, cache.layers)
+            spikes = compiled(self, membrane, mask, cache.layers, padded)
         else:
-            spikes = self._layers(membrane, mask, cache.layers if cache is not None else None, recurrent)
+            spikes = self._layers(membrane, mask, cache.layers if cache is not None else None, recurrent, padded)
         if cache is not None:
             if not recurrent and self in _COMPILED_DECODE:  # the layout the compiled step leaves: one compilation
                 for layer in cache.layers:
@@ -639,9 +643,9 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
             cache.seen_tokens += n
         return spikes
 
-    def _layers(self, membrane, mask, states, recurrent):
+    def _layers(self, membrane, mask, states, recurrent, padded=True):
         for i, block in enumerate(self.layers):
-            membrane = block(membrane, mask, states[i] if states is not None else None, recurrent)
+            membrane = block(membrane, mask, states[i] if states is not None else None, recurrent, padded)
         return self.output_neuron(self.norm(membrane))
 
     def compile_decode(self, enabled: bool = True, **compile_options):
@@ -659,9 +663,9 @@ class SpikeLMModel(SpikeLMPreTrainedModel):
         return self
 
 
-def _recurrent_layers(model, membrane, mask, states):
+def _recurrent_layers(model, membrane, mask, states, padded):
     """The one-token step that compile_decode compiles (the model is an argument: nothing holds on to it)."""
-    return model._layers(membrane, mask, states, True)
+    return model._layers(membrane, mask, states, True, padded)
 
 
 class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):

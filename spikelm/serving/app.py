@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -223,6 +224,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                         prefix_cache_bytes=settings.prefix_cache_bytes)
         engine.start()
         app.state.tokenizer, app.state.engine = tokenizer, engine
+        app.state.relay = EventRelay(asyncio.get_running_loop())
         app.state.started = int(time.time())
         logger.info("serving %s as %r (max batch %d, %s)", settings.model, settings.served_model_name,
                     settings.max_batch, settings.dtype)
@@ -350,12 +352,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return checked_prompt(tokenizer(text, add_special_tokens=False)["input_ids"], "messages")
 
     async def generate(request, kind, prompt_ids, params, body):
-        engine = app.state.engine
-        loop = asyncio.get_running_loop()
+        engine, relay = app.state.engine, app.state.relay
         events: asyncio.Queue = asyncio.Queue()
 
         def on_event(event):  # engine thread -> this request's event loop
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            relay.put(events, event)
 
         arrived = time.monotonic()
         request_id = request.state.request_id
@@ -398,6 +399,36 @@ MIN_TEMPERATURE = 0.01  # below it, logits / temperature overflows float64 for t
 DISCONNECTED = object()  # put in a request's event queue when its client has gone
 
 
+class EventRelay:
+    """Hands engine events (from the engine thread) to the requests' queues on the event loop. Events that
+    arrive before the loop has run the last hand-over go with it: the engine sends a step's events together,
+    so the loop wakes once per step, not once per token."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, object]] = []
+
+    def put(self, queue: asyncio.Queue, event):
+        """Any thread."""
+        with self._lock:
+            self._pending.append((queue, event))
+            if len(self._pending) > 1:  # a hand-over is already scheduled
+                return
+        try:
+            self.loop.call_soon_threadsafe(self._hand_over)
+        except RuntimeError:  # the loop is closed: this event's sender is told (raise), and so is the next one's
+            with self._lock:
+                self._pending.clear()
+            raise
+
+    def _hand_over(self):
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
 async def cancel_on_disconnect(request: Request, engine, sequence, events):
     """Waits for the client's disconnect (the body has been read, so the next ASGI message is that)."""
     while (await request.receive())["type"] != "http.disconnect":
@@ -428,11 +459,17 @@ class EventStream(Response):
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
                                 (b"cache-control", b"no-cache")]})
+        loop = asyncio.get_running_loop()
         try:
-            async for text in self.chunks:
-                await asyncio.wait_for(send({"type": "http.response.body", "body": text.encode(),
-                                             "more_body": True}), self.stall_timeout_s)
-            await asyncio.wait_for(send({"type": "http.response.body", "body": b""}), self.stall_timeout_s)
+            # one deadline, set around each send and lifted while waiting for the engine (cheaper per token
+            # than wait_for, which wraps every send in a task of its own)
+            async with asyncio.timeout(None) as stall:
+                async for text in self.chunks:
+                    stall.reschedule(loop.time() + self.stall_timeout_s)
+                    await send({"type": "http.response.body", "body": text.encode(), "more_body": True})
+                    stall.reschedule(None)
+                stall.reschedule(loop.time() + self.stall_timeout_s)
+                await send({"type": "http.response.body", "body": b""})
         except TimeoutError:  # returning without finishing the response makes uvicorn close the connection
             logger.warning("request %s: the client read nothing for %g s; dropped", self.request_id,
                            self.stall_timeout_s)
@@ -472,10 +509,13 @@ def make_usage(usage) -> schemas.Usage:
                          **energy_usage(usage))
 
 
-def token_energy(event) -> schemas.TokenEnergy:
+def token_energy(event) -> dict:
+    """schemas.TokenEnergy's fields, as a plain dict (a stream sends one per token: no model to validate)."""
     e = event.energy
-    return schemas.TokenEnergy(pj=event.pj, ac=e.ac, mac=e.mac, firing_rate=e.firing_rate,
-                               firing_rate_per_layer=event.firing_rate_per_layer, gpt2_pj=event.gpt2_pj)
+    rates = event.firing_rate_per_layer
+    return {"pj": float(event.pj), "ac": int(e.ac), "mac": int(e.mac), "firing_rate": float(e.firing_rate),
+            "firing_rate_per_layer": None if rates is None else {k: float(v) for k, v in rates.items()},
+            "gpt2_pj": float(event.gpt2_pj)}
 
 
 class Reply:
@@ -541,19 +581,20 @@ class Reply:
                                               usage=usage)
         return JSONResponse(body.model_dump(exclude_none=False))
 
-    def _chunk(self, event, first):
+    def _chunk(self, event, first) -> dict:
+        """A token's chunk: schemas.ChatCompletionChunk or schemas.CompletionResponse with one
+        CompletionStreamChoice, field for field (tests/serving/test_app.py checks it), built as a plain dict."""
         energy = token_energy(event)
         if self.kind == "chat.completion":
-            delta = schemas.ChatDelta(role="assistant" if first else None, content=event.text)
-            choice = schemas.ChatStreamChoice(delta=delta, finish_reason=event.finish_reason, energy=energy)
-            chunk = schemas.ChatCompletionChunk(id=self.id, created=self.created, model=self.model_name,
-                                                choices=[choice])
+            choice = {"index": 0, "delta": {"role": "assistant" if first else None, "content": event.text},
+                      "finish_reason": event.finish_reason, "logprobs": None, "energy": energy}
+            object_name = "chat.completion.chunk"
         else:
-            choice = schemas.CompletionStreamChoice(text=event.text, finish_reason=event.finish_reason,
-                                                    energy=energy)
-            chunk = schemas.CompletionResponse(id=self.id, created=self.created, model=self.model_name,
-                                               choices=[choice])
-        return chunk.model_dump()
+            choice = {"index": 0, "text": event.text, "finish_reason": event.finish_reason, "logprobs": None,
+                      "energy": energy}
+            object_name = "text_completion"
+        return {"id": self.id, "object": object_name, "created": self.created, "model": self.model_name,
+                "choices": [choice], "usage": None}
 
     def _usage_chunk(self, usage):
         object_name = "chat.completion.chunk" if self.kind == "chat.completion" else "text_completion"
@@ -561,24 +602,36 @@ class Reply:
                 "choices": [], "usage": make_usage(usage).model_dump()}
 
     async def stream(self, events, engine, sequence, include_usage, watcher):
-        finished, first = False, True
+        """The server-sent events, a send's worth at a time: every event waiting in the queue goes out in one
+        send (the bytes are the same; the client's parser splits them at the blank lines)."""
+        finished, first, done = False, True, False
         try:
-            while not finished:
-                event = await events.get()
-                if event is DISCONNECTED:
-                    return
-                if event.error:  # an error chunk, then [DONE]: a stream never ends in a silent close
-                    error = self._error(event)
-                    body = {"error": {"message": error.message, "type": error.type, "param": None, "code": None}}
-                    yield f"data: {json.dumps(body)}\n\n"
-                    break
-                self._observe(event)
-                yield f"data: {json.dumps(self._chunk(event, first))}\n\n"
-                first = False
-                finished = event.finish_reason is not None
-            if finished and include_usage:
-                yield f"data: {json.dumps(self._usage_chunk(event.usage))}\n\n"
-            yield "data: [DONE]\n\n"
+            while not done:
+                ready = [await events.get()]
+                while not events.empty():
+                    ready.append(events.get_nowait())
+                parts = []
+                for event in ready:
+                    if event is DISCONNECTED:
+                        return
+                    if event.error:  # an error chunk, then [DONE]: a stream never ends in a silent close
+                        error = self._error(event)
+                        body = {"error": {"message": error.message, "type": error.type, "param": None,
+                                          "code": None}}
+                        parts.append(f"data: {json.dumps(body)}\n\n")
+                        done = True
+                        break
+                    self._observe(event)
+                    parts.append(f"data: {json.dumps(self._chunk(event, first))}\n\n")
+                    first = False
+                    if event.finish_reason is not None:
+                        finished = done = True
+                        if include_usage:
+                            parts.append(f"data: {json.dumps(self._usage_chunk(event.usage))}\n\n")
+                        break
+                if done:
+                    parts.append("data: [DONE]\n\n")
+                yield "".join(parts)
         finally:
             watcher.cancel()
             # the client went away (the send failed or timed out, or it disconnected): free the slot

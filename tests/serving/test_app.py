@@ -107,6 +107,22 @@ def test_stream_without_usage_ends_with_done(server):
     assert events[-1]["choices"][0]["finish_reason"] == "length"
 
 
+def test_stream_chunks_are_the_response_schemas_field_for_field(server):
+    """The chunks are built as plain dicts (one per token, no model validation): each must be what its
+    pydantic schema makes of it, byte for byte (an int where the schema has a float would show)."""
+    from spikelm.serving import schemas
+
+    chat = {"messages": [{"role": "user", "content": "To be?"}], "max_tokens": 4, "temperature": 0, "stream": True}
+    for path, body, schema in (("/v1/completions", {"prompt": "Or not", "max_tokens": 4, "temperature": 0,
+                                                     "stream": True}, schemas.CompletionResponse),
+                               ("/v1/chat/completions", chat, schemas.ChatCompletionChunk)):
+        with httpx.stream("POST", f"{server}{path}", json=body, timeout=60) as response:
+            lines = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: {")]
+        assert len(lines) == 4
+        for line in lines:
+            assert json.dumps(schema.model_validate_json(line).model_dump()) == json.dumps(json.loads(line))
+
+
 def test_seeded_sampling_repeats_and_stop_sequences_cut(client):
     kwargs = dict(model="tiny", prompt="The slings", max_tokens=30, temperature=1.0, top_p=0.9)
     first = client.completions.create(seed=7, **kwargs, extra_body={"top_k": 20})
