@@ -1,4 +1,5 @@
-"""Two C kernels for inference on the CPU: a neuron population's T steps, and a matmul fed spikes.
+"""C kernels for inference on the CPU: a neuron population's T steps, a matmul fed spikes, a decode step of
+spike attention.
 
 A decode step is a few hundred operations on vectors of a few hundred numbers, so its time goes to calling
 them (about 2 microseconds each through PyTorch here), not to arithmetic. A population's T steps are 3 * T + 4
@@ -17,6 +18,9 @@ Both compute exactly what those PyTorch paths compute, operation for operation (
   runs over inputs outside and rows inside, so each active input's weight row is read from memory once however
   many of the T steps (and batch rows) fired it. It first counts the non-zero inputs and, above `max_nonzero`,
   returns -1 without computing (the caller takes the dense matmul).
+- `ssa_step`: one token of spike self-attention's recurrent form, S = g S + k v^T, then q S, in one pass over
+  the state (PyTorch makes three: the decay, the update, the read-out). S comes out as PyTorch's S, bit for
+  bit (k_i v_j is 0 or 1); q S sums S's rows in increasing order, which differs from a BLAS sum by rounding.
 """
 
 import ctypes
@@ -70,10 +74,28 @@ int64_t NAME(const REAL *x, int64_t rows, int64_t in, const REAL *weight_t, int6
     return nonzero;                                                                                          \
 }
 
+#define SSA_STEP(NAME, REAL)                                                                                 \
+void NAME(REAL *state, const REAL *q, const REAL *k, const REAL *v, const REAL *decay, REAL *out,          \
+          int64_t groups, int64_t d) {                                                                       \
+    for (int64_t g = 0; g < groups; g++) {                                                                   \
+        REAL *S = state + g * d * d, *o = out + g * d;                                                       \
+        const REAL *qg = q + g * d, *kg = k + g * d, *vg = v + g * d, gamma = decay[g];                      \
+        for (int64_t j = 0; j < d; j++) o[j] = 0;                                                            \
+        for (int64_t i = 0; i < d; i++) {                                                                    \
+            REAL *row = S + i * d;                                                                           \
+            const REAL ki = kg[i], qi = qg[i];                                                               \
+            for (int64_t j = 0; j < d; j++) row[j] = gamma * row[j] + ki * vg[j];                            \
+            if (qi != 0) for (int64_t j = 0; j < d; j++) o[j] += qi * row[j];                                \
+        }                                                                                                    \
+    }                                                                                                        \
+}
+
 LIF(spikelm_lif_f32, float)
 LIF(spikelm_lif_f64, double)
 SPIKE_MATMUL(spikelm_spike_matmul_f32, float)
 SPIKE_MATMUL(spikelm_spike_matmul_f64, double)
+SSA_STEP(spikelm_ssa_step_f32, float)
+SSA_STEP(spikelm_ssa_step_f64, double)
 """
 
 # -O3 vectorises the row sums; -march=native for this machine's vector width (the cache key names the machine);
@@ -83,6 +105,7 @@ _LIF_ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, c
              ctypes.c_int, ctypes.c_double]
 _MATMUL_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                 ctypes.c_int64]
+_SSA_ARGS = [ctypes.c_void_p] * 6 + [ctypes.c_int64, ctypes.c_int64]
 _library = None  # the loaded kernels, False where they cannot be had
 _lock = threading.Lock()
 
@@ -147,6 +170,8 @@ def _load():
         for name in ("spikelm_spike_matmul_f32", "spikelm_spike_matmul_f64"):
             getattr(library, name).argtypes = _MATMUL_ARGS
             getattr(library, name).restype = ctypes.c_int64
+        for name in ("spikelm_ssa_step_f32", "spikelm_ssa_step_f64"):
+            getattr(library, name).argtypes = _SSA_ARGS
         _library = library
         return _library
 
@@ -193,3 +218,15 @@ def spike_matmul(x: torch.Tensor, weight_t: torch.Tensor, max_nonzero: int | Non
     nonzero = _function("spike_matmul", x.dtype)(x.data_ptr(), rows, d_in, weight_t.data_ptr(), d_out,
                                                  out.data_ptr(), x.numel() if max_nonzero is None else max_nonzero)
     return None if nonzero < 0 else out
+
+
+def ssa_step(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor):
+    """state [T, B, H, d, d] (contiguous, updated in place); q, k, v [T, B, H, d] spikes; decay [B or 1, H] ->
+    q S [T, B, H, d] after S = decay S + k v^T."""
+    T, B, H, d = q.shape
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    decay = decay.expand(T, B, H).contiguous()
+    out = torch.empty_like(q)
+    _function("ssa_step", q.dtype)(state.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), decay.data_ptr(),
+                                   out.data_ptr(), T * B * H, d)
+    return out

@@ -18,6 +18,7 @@ fixed-size state (SpikeLMCache), so a token costs the same at position 10 as at
 position 10,000.
 """
 
+import inspect
 import math
 import weakref
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from transformers.modeling_utils import PreTrainedModel
 
 from .configuration_spikelm import SpikeLMConfig
 from .event_driven import SpikeLinear
+from .kernels import ssa_step as ssa_step_kernel
+from .kernels import supports as kernel_supports
 from .neurons import QCFSActivation, SpikingNeuron, leak_logit
 
 # The parallel form runs over chunks of this many tokens, carrying the recurrent
@@ -109,11 +112,14 @@ def ssa_recurrent(q, k, v, decay, scale, mask, state):
     S, z = state
     if torch.is_grad_enabled():
         S = decay[..., None, None] * S + k[..., :, None] * v[..., None, :]
+        readout = (q[..., None, :] @ S).squeeze(-2)
+    elif kernel_supports(S) and S.is_contiguous():  # decoding on the CPU: one C pass over the state, in place
+        readout = ssa_step_kernel(S, q, k, v, decay)
     else:  # decoding: the state is updated in place (no [T, B, H, d, d] temporaries), as a KV cache grows in place
         S = _decay_(S, decay[..., None, None])
         S.view(-1, *S.shape[-2:]).baddbmm_(k.reshape(-1, k.shape[-1], 1), v.reshape(-1, 1, v.shape[-1]))
+        readout = (q[..., None, :] @ S).squeeze(-2)
     z = decay * z + mask[:, None]
-    readout = (q[..., None, :] @ S).squeeze(-2)
     return scale * readout * _inverse(z)[None, ..., None], (S, z)
 
 
@@ -713,5 +719,9 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache)
 
+
+# generate() reads forward's signature at every step for a model registered as custom code (`auto_map`); the
+# signature is computed here once instead (about 70 microseconds of each decode step otherwise)
+SpikeLMForCausalLM.forward.__signature__ = inspect.signature(SpikeLMForCausalLM.forward)
 
 __all__ = ["ATTENTION_KINDS", "AttentionKind", "SpikeLMCache", "SpikeLMForCausalLM", "SpikeLMModel", "SpikeLMPreTrainedModel"]

@@ -57,3 +57,23 @@ def test_built_once_into_the_cache_and_loaded_from_it(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "_library", None)
     monkeypatch.setattr(kernels, "_build", lambda target: pytest.fail("built again"))
     assert kernels.available()  # loaded from the cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ssa_step_kernel_updates_the_state_as_pytorch_does(dtype):
+    T, B, H, d = 2, 3, 4, 16
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = ((torch.rand(T, B, H, d, generator=generator) < 0.3).to(dtype) for _ in range(3))
+    state = torch.rand(T, B, H, d, d, generator=generator).to(dtype)
+    decay = torch.rand(B, H, generator=generator).to(dtype)
+    expected_state = decay[..., None, None] * state + k[..., :, None] * v[..., None, :]
+    expected = (q[..., None, :] @ expected_state).squeeze(-2)
+    got = kernels.ssa_step(state, q, k, v, decay)  # state updated in place
+    assert torch.equal(state, expected_state)  # k_i v_j is 0 or 1: the same numbers
+    assert torch.allclose(got, expected, rtol=1e-6 if dtype == torch.float32 else 1e-13, atol=0)
+    assert got.abs().sum() > 0
+    # a decay shared by the batch ([1, H], the fixed decay) broadcasts
+    shared = decay[:1]
+    expected_state = shared[..., None, None] * state + k[..., :, None] * v[..., None, :]
+    kernels.ssa_step(state, q, k, v, shared)
+    assert torch.equal(state, expected_state)
