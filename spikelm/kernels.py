@@ -18,9 +18,10 @@ Both compute exactly what those PyTorch paths compute, operation for operation (
   runs over inputs outside and rows inside, so each active input's weight row is read from memory once however
   many of the T steps (and batch rows) fired it. It first counts the non-zero inputs and, above `max_nonzero`,
   returns -1 without computing (the caller takes the dense matmul).
-- `ssa_step`: one token of spike self-attention's recurrent form, S = g S + k v^T, then q S, in one pass over
-  the state (PyTorch makes three: the decay, the update, the read-out). S comes out as PyTorch's S, bit for
-  bit (k_i v_j is 0 or 1); q S sums S's rows in increasing order, which differs from a BLAS sum by rounding.
+- `ssa_step`: one token of spike self-attention's recurrent form, S = g S + k v^T, z = g z + m, then
+  scale * q S / z, in one pass over the state (PyTorch makes three, and a dozen small operations for z). S and z
+  come out as PyTorch's, bit for bit (k_i v_j is 0 or 1); q S sums S's rows in increasing order, which differs
+  from a BLAS sum by rounding.
 """
 
 import ctypes
@@ -75,11 +76,17 @@ int64_t NAME(const REAL *x, int64_t rows, int64_t in, const REAL *weight_t, int6
 }
 
 #define SSA_STEP(NAME, REAL)                                                                                 \
-void NAME(REAL *state, const REAL *q, const REAL *k, const REAL *v, const REAL *decay, REAL *out,          \
-          int64_t groups, int64_t d) {                                                                       \
-    for (int64_t g = 0; g < groups; g++) {                                                                   \
+void NAME(REAL *state, const REAL *q, const REAL *k, const REAL *v, const REAL *decay, const REAL *decay_sum, \
+          const REAL *mask, REAL *new_decay_sum, double scale_, double min_sum_, REAL *out, int64_t steps,   \
+          int64_t batch, int64_t heads, int64_t d) {                                                         \
+    const REAL scale = (REAL)scale_, min_sum = (REAL)min_sum_;                                               \
+    for (int64_t bh = 0; bh < batch * heads; bh++)                                                           \
+        new_decay_sum[bh] = decay[bh] * decay_sum[bh] + mask[bh / heads];                                    \
+    for (int64_t g = 0; g < steps * batch * heads; g++) {                                                    \
+        const int64_t bh = g % (batch * heads);                                                              \
         REAL *S = state + g * d * d, *o = out + g * d;                                                       \
-        const REAL *qg = q + g * d, *kg = k + g * d, *vg = v + g * d, gamma = decay[g];                      \
+        const REAL *qg = q + g * d, *kg = k + g * d, *vg = v + g * d, gamma = decay[bh], z = new_decay_sum[bh]; \
+        const REAL inverse = z > 0 ? (REAL)1 / (z > min_sum ? z : min_sum) : (REAL)0;                        \
         for (int64_t j = 0; j < d; j++) o[j] = 0;                                                            \
         for (int64_t i = 0; i < d; i++) {                                                                    \
             REAL *row = S + i * d;                                                                           \
@@ -87,6 +94,7 @@ void NAME(REAL *state, const REAL *q, const REAL *k, const REAL *v, const REAL *
             for (int64_t j = 0; j < d; j++) row[j] = gamma * row[j] + ki * vg[j];                            \
             if (qi != 0) for (int64_t j = 0; j < d; j++) o[j] += qi * row[j];                                \
         }                                                                                                    \
+        for (int64_t j = 0; j < d; j++) o[j] = scale * o[j] * inverse;                                       \
     }                                                                                                        \
 }
 
@@ -105,7 +113,7 @@ _LIF_ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, c
              ctypes.c_int, ctypes.c_double]
 _MATMUL_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                 ctypes.c_int64]
-_SSA_ARGS = [ctypes.c_void_p] * 6 + [ctypes.c_int64, ctypes.c_int64]
+_SSA_ARGS = [ctypes.c_void_p] * 8 + [ctypes.c_double, ctypes.c_double, ctypes.c_void_p] + [ctypes.c_int64] * 4
 _library = None  # the loaded kernels, False where they cannot be had
 _lock = threading.Lock()
 
@@ -193,8 +201,10 @@ def _function(kernel: str, dtype):
 
 
 def supports(x: torch.Tensor) -> bool:
-    """A CPU tensor of float32 or float64, and the kernels are here."""
-    return x.dtype in _SUFFIX and x.device.type == "cpu" and (bool(_library) or available())
+    """A CPU tensor of float32 or float64, the kernels are here, and this is not code torch.compile traces (a
+    compiled step has its own fused kernels and cannot call these)."""
+    return x.dtype in _SUFFIX and x.device.type == "cpu" and (bool(_library) or available()) and \
+        not torch.compiler.is_compiling()
 
 
 def lif(current: torch.Tensor, leak: float, threshold: float, soft: bool, initial_membrane: float) -> torch.Tensor:
@@ -220,13 +230,15 @@ def spike_matmul(x: torch.Tensor, weight_t: torch.Tensor, max_nonzero: int | Non
     return None if nonzero < 0 else out
 
 
-def ssa_step(state: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decay: torch.Tensor):
-    """state [T, B, H, d, d] (contiguous, updated in place); q, k, v [T, B, H, d] spikes; decay [B or 1, H] ->
-    q S [T, B, H, d] after S = decay S + k v^T."""
+def ssa_step(state, q, k, v, decay, decay_sum, mask, scale: float, min_sum: float):
+    """One token of `modeling_spikelm.ssa_recurrent`: state [T, B, H, d, d] (contiguous, updated in place); q, k, v
+    [T, B, H, d] spikes; decay [B or 1, H]; decay_sum [B, H]; mask [B] -> (read-out [T, B, H, d], new decay sum
+    [B, H]): S = g S + k v^T, z = g z + m, read-out = scale * q S / z (0 where z is 0)."""
     T, B, H, d = q.shape
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    decay = decay.expand(T, B, H).contiguous()
-    out = torch.empty_like(q)
+    decay, decay_sum, mask = decay.expand(B, H).contiguous(), decay_sum.contiguous(), mask.contiguous()
+    out, new_decay_sum = torch.empty_like(q), torch.empty_like(decay_sum)
     _function("ssa_step", q.dtype)(state.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), decay.data_ptr(),
-                                   out.data_ptr(), T * B * H, d)
-    return out
+                                   decay_sum.data_ptr(), mask.data_ptr(), new_decay_sum.data_ptr(), scale, min_sum,
+                                   out.data_ptr(), T, B, H, d)
+    return out, new_decay_sum

@@ -114,7 +114,8 @@ def ssa_recurrent(q, k, v, decay, scale, mask, state):
         S = decay[..., None, None] * S + k[..., :, None] * v[..., None, :]
         readout = (q[..., None, :] @ S).squeeze(-2)
     elif kernel_supports(S) and S.is_contiguous():  # decoding on the CPU: one C pass over the state, in place
-        readout = ssa_step_kernel(S, q, k, v, decay)
+        readout, z = ssa_step_kernel(S, q, k, v, decay, z, mask, scale, MIN_DECAY_SUM)
+        return readout, (S, z)
     else:  # decoding: the state is updated in place (no [T, B, H, d, d] temporaries), as a KV cache grows in place
         S = _decay_(S, decay[..., None, None])
         S.view(-1, *S.shape[-2:]).baddbmm_(k.reshape(-1, k.shape[-1], 1), v.reshape(-1, 1, v.shape[-1]))

@@ -60,20 +60,22 @@ def test_built_once_into_the_cache_and_loaded_from_it(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ssa_step_kernel_updates_the_state_as_pytorch_does(dtype):
+def test_ssa_step_kernel_is_the_recurrent_form(dtype):
+    from spikelm.modeling_spikelm import MIN_DECAY_SUM, _inverse
+
     T, B, H, d = 2, 3, 4, 16
     generator = torch.Generator().manual_seed(0)
     q, k, v = ((torch.rand(T, B, H, d, generator=generator) < 0.3).to(dtype) for _ in range(3))
     state = torch.rand(T, B, H, d, d, generator=generator).to(dtype)
-    decay = torch.rand(B, H, generator=generator).to(dtype)
-    expected_state = decay[..., None, None] * state + k[..., :, None] * v[..., None, :]
-    expected = (q[..., None, :] @ expected_state).squeeze(-2)
-    got = kernels.ssa_step(state, q, k, v, decay)  # state updated in place
-    assert torch.equal(state, expected_state)  # k_i v_j is 0 or 1: the same numbers
-    assert torch.allclose(got, expected, rtol=1e-6 if dtype == torch.float32 else 1e-13, atol=0)
-    assert got.abs().sum() > 0
-    # a decay shared by the batch ([1, H], the fixed decay) broadcasts
-    shared = decay[:1]
-    expected_state = shared[..., None, None] * state + k[..., :, None] * v[..., None, :]
-    kernels.ssa_step(state, q, k, v, shared)
-    assert torch.equal(state, expected_state)
+    z = torch.rand(B, H, generator=generator).to(dtype) * 5
+    z[1] = 0  # a row that has seen no token yet ...
+    mask = torch.tensor([1.0, 0.0, 1.0], dtype=dtype)  # ... and is padded now: it reads out 0
+    for decay in (torch.rand(B, H, generator=generator).to(dtype), torch.rand(1, H, generator=generator).to(dtype)):
+        expected_state = decay[..., None, None] * state + k[..., :, None] * v[..., None, :]
+        expected_z = decay * z + mask[:, None]
+        expected = 0.5 * (q[..., None, :] @ expected_state).squeeze(-2) * _inverse(expected_z)[None, ..., None]
+        got, got_z = kernels.ssa_step(state, q, k, v, decay, z, mask, 0.5, MIN_DECAY_SUM)  # state: in place
+        assert torch.equal(state, expected_state) and torch.equal(got_z, expected_z)  # k_i v_j is 0 or 1
+        assert torch.allclose(got, expected, rtol=1e-6 if dtype == torch.float32 else 1e-13, atol=0)
+        assert got[:, 1].abs().sum() == 0 and got.abs().sum() > 0
+        z = got_z
