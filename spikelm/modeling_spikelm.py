@@ -394,6 +394,8 @@ class SpikeLMAttention(nn.Module):
         self.k_neuron = make_neuron(config)
         self.v_neuron = make_neuron(config)
         self.readout_neuron = make_neuron(config)  # ssa: spikes from a; sdsa: thresholds the running mean
+        # K's and V's neurons differ only in name where neither learns its leak: inference fires them in one call
+        self.kv_one_population = isinstance(self.k_neuron, SpikingNeuron) and self.k_neuron.leak_logit is None
         self.o_proj = SpikeLinear(D, D)
         self.fixed_decay = [float(g) for g in config.attention_decay]  # plain numbers unless learned or gated
         self._fixed_log_decay = None  # (dtype and device, log of fixed_decay there)
@@ -446,12 +448,17 @@ class SpikeLMAttention(nn.Module):
             previous = state.previous_spikes if state is not None and state.previous_spikes is not None else \
                 spikes.new_zeros(T, B, 1, D)
             previous = previous.view(T, B, 1, D)
-            shifted = torch.cat([previous, spikes[:, :, :-1]], dim=2)  # the previous token's spikes
+            # the previous token's spikes (decoding one token: the carried ones, as they are)
+            shifted = previous if n == 1 else torch.cat([previous, spikes[:, :, :-1]], dim=2)
             kv_in = torch.cat([spikes, shifted], dim=-1)
         else:
             shifted, kv_in = None, spikes
-        k, v = self.kv_proj(kv_in).chunk(2, dim=-1)
-        k, v = self.k_neuron(k), self.v_neuron(v)
+        kv = self.kv_proj(kv_in)
+        if self.kv_one_population and self.k_neuron.counter is None and self.v_neuron.counter is None:
+            k, v = self.k_neuron(kv).chunk(2, dim=-1)  # the same neurons: one call fires both (unless counted)
+        else:
+            k, v = kv.chunk(2, dim=-1)
+            k, v = self.k_neuron(k), self.v_neuron(v)
         if padded:
             k, v = k * mask[None, :, :, None], v * mask[None, :, :, None]
 

@@ -87,6 +87,18 @@ def test_prefix_cache_gives_the_same_greedy_tokens_and_skips_shared_prompts(mode
     assert (cached.prefix_cache.hits, cached.prefix_cache.misses) == (2, 2) and uncached.prefix_cache is None
 
 
+def test_a_prompts_last_token_runs_as_a_row_of_the_decode_step(model_dir):
+    greedy = SamplingParams(max_tokens=8, temperature=0)
+    prompt = SHARED[:40]
+    collectors, engine = run_engine(model_dir, [prompt, prompt], greedy, True, prefix_cache_bytes=2**26)
+    # the first prompt runs [0, 39) in a chunk (a snapshot is kept there) and its last token in a decode step;
+    # the repeated one resumes at 39 and runs no chunk at all
+    assert engine.prefill_chunks == 1
+    assert collectors[0].tokens == collectors[1].tokens
+    first, again = (c.events[0] for c in collectors)
+    assert first.energy.tokens == len(prompt) and again.energy.tokens == 1  # the first token's event: the prompt's
+
+
 def test_chunked_prefill_gives_the_same_tokens_as_one_forward(model_dir):
     greedy = SamplingParams(max_tokens=16, temperature=0)
     prompts = [SHARED[:200], SHARED[:150] + [8, 9], [5, 6, 7]]
