@@ -58,6 +58,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from .kernels import row_stats as row_stats_kernel
+from .kernels import supports as kernel_supports
 from .modeling_spikelm import SpikeLMAttention, SpikeLMBlock, SpikeLMForCausalLM, SpikeLMModel, SpikeLMRMSNorm
 from .neurons import SpikingNeuron
 
@@ -402,21 +404,18 @@ def summarise(counts: EnergyCounts, config, prices: Prices | None = None, per: i
 # ================================================================ collecting
 
 
-def _is_binary(x):
-    return not bool(((x != 0) & (x != 1)).any())
-
-
-def _nonzeros_per_row(x, batch_dim=1):
-    """Non-zeros of each batch row of x -> [B] int64."""
-    return torch.count_nonzero(x.movedim(batch_dim, 0).reshape(x.shape[batch_dim], -1), dim=1)
+def _row_stats(x):
+    """x [T, B, ...] -> (non-zeros of each batch row, sum of each batch row, every value 0 or 1, every value a
+    whole number >= 0): one C pass over x where the kernels are at hand (spikelm.kernels.row_stats)."""
+    if kernel_supports(x):
+        return row_stats_kernel(x)
+    flat = x.movedim(1, 0).reshape(x.shape[1], -1)
+    whole = bool((flat >= 0).all()) and bool((flat == flat.round()).all())
+    return (torch.count_nonzero(flat, dim=1).tolist(), flat.sum(1, dtype=torch.float64).tolist(),
+            not bool(((flat != 0) & (flat != 1)).any()), whole)
 
 
 COUNTED = tuple(f.name for f in fields(EnergyCounts))
-
-
-def _is_spike_counts(module, x):
-    """The LM head (`fed_spike_counts`) gets per-token counts of its input spikes: whole numbers >= 0."""
-    return getattr(module, "fed_spike_counts", False) and bool((x >= 0).all()) and bool((x == x.round()).all())
 
 
 class EnergyCounter:
@@ -431,9 +430,6 @@ class EnergyCounter:
 
     def __init__(self, positions=None):
         self._lists = {}  # (quantity, layer, kind) -> [int per row]; layer and kind are None where not per layer
-        # what the hooks added since `counts` was last read: key -> [(per_row, rows)]. A decode step adds a few
-        # hundred entries; summing them when they are read (whole numbers: exactly) keeps the hooks cheap
-        self._pending = {}
         self.labels = {}  # module -> layer label
         self.config = None
         self._position = torch.as_tensor(positions if positions is not None else [], dtype=torch.int64)
@@ -441,28 +437,30 @@ class EnergyCounter:
 
     def reset(self):
         self._lists.clear()
-        self._pending.clear()
         self._position = torch.zeros(0, dtype=torch.int64)
 
     def _add(self, key, per_row, rows):
-        """Add per-row counts (an int, the same for each row, or an int64 tensor [rows]) under `key`."""
-        self._pending.setdefault(key, []).append((per_row, rows))
+        """Add per-row counts under `key`: an int (the same for each row), a list of `rows` ints, or an int64
+        tensor [rows]. Kept as Python integers (exact, and a decode step adds a few hundred small counts, each
+        tensor operation a few microseconds)."""
+        if isinstance(per_row, int) and not per_row:  # nothing to add (most traffic kinds of most hooks)
+            return
+        total = self._lists.get(key)
+        if total is None:
+            total = self._lists[key] = [0] * rows
+        elif len(total) < rows:  # a wider batch than before: more rows
+            total += [0] * (rows - len(total))
+        if isinstance(per_row, torch.Tensor):
+            per_row = per_row.to(torch.int64).expand(rows).tolist() if per_row.dim() else int(per_row)
+        if isinstance(per_row, list):
+            for i, value in enumerate(per_row):
+                total[i] += value
+        elif per_row:
+            for i in range(rows):
+                total[i] += per_row
 
     def _merged(self) -> dict:
-        """{(quantity, layer, kind): [count per row]}, as Python integers: what the hooks added, summed exactly.
-        Plain lists, not tensors: a decode step reads a few hundred small counts, each tensor a few microseconds."""
-        for key, entries in self._pending.items():
-            total = self._lists.setdefault(key, [])
-            total += [0] * (max(r for _, r in entries) - len(total))  # a wider batch than before: more rows
-            for per_row, r in entries:
-                if isinstance(per_row, torch.Tensor) and per_row.dim() > 0:
-                    for i, value in enumerate(per_row.to(torch.int64).expand(r).tolist()):
-                        total[i] += value
-                else:
-                    value = int(per_row)
-                    for i in range(r):
-                        total[i] += value
-        self._pending.clear()
+        """{(quantity, layer, kind): [count per row]}, as Python integers."""
         return self._lists
 
     @property
@@ -471,7 +469,11 @@ class EnergyCounter:
         return {key: torch.tensor(values, dtype=torch.int64) for key, values in self._merged().items()}
 
     def add(self, layer, kind, ops, rows=1):
-        ac, mac = ops
+        """ops: (ACs, MACs), each an int, a tensor [rows], or for per-row rules a list of (AC, MAC) per row."""
+        if isinstance(ops, list):
+            ac, mac = [row[0] for row in ops], [row[1] for row in ops]
+        else:
+            ac, mac = ops
         self._add(("ac", layer, kind), ac, rows)
         self._add(("mac", layer, kind), mac, rows)
 
@@ -483,19 +485,20 @@ class EnergyCounter:
     # --- called by hooks and by the modules' `counter` attribute; tensors are [T, B, n, ...] (batch in dim 1)
     def linear(self, module, inputs, output):
         x = inputs[0]
-        rows, layer = x.shape[1], self.labels[module]
-        if _is_binary(x):
-            spikes = _nonzeros_per_row(x)
-            ops = weight_ops_on_spikes(module.out_features, spikes)
-            reads = weight_reads_on_spikes(module.out_features, spikes)
-        elif _is_spike_counts(module, x):  # each counted spike adds one column, as a spike does
-            spikes = x.movedim(1, 0).reshape(rows, -1).sum(1, dtype=torch.float64).long()
-            ops = weight_ops_on_spikes(module.out_features, spikes)
-            reads = weight_reads_on_spikes(module.out_features, _nonzeros_per_row(x))  # a column per non-zero count
+        rows, layer, out = x.shape[1], self.labels[module], module.out_features
+        nonzero, sums, binary, whole = _row_stats(x)
+        if binary:
+            ops = [weight_ops_on_spikes(out, spikes) for spikes in nonzero]
+            reads = [weight_reads_on_spikes(out, spikes) for spikes in nonzero]
+        elif getattr(module, "fed_spike_counts", False) and whole:
+            # the LM head gets per-token counts of its input spikes: each counted spike adds one column, as a
+            # spike does, and a column is read per non-zero count
+            ops = [weight_ops_on_spikes(out, int(spikes)) for spikes in sums]
+            reads = [weight_reads_on_spikes(out, columns) for columns in nonzero]
         else:
             vectors = x[:, 0].numel() // module.in_features
-            ops = weight_ops_on_reals(module.out_features, module.in_features, vectors)
-            reads = weight_reads_dense(module.out_features, module.in_features, vectors)
+            ops = weight_ops_on_reals(out, module.in_features, vectors)
+            reads = weight_reads_dense(out, module.in_features, vectors)
         self.add(layer, "weights", ops, rows)
         self.add_traffic(layer, "weights", rows, weight_reads=reads)
         if module.bias is not None:  # one addition per output (none of spikelm's matrices have a bias)
@@ -516,11 +519,12 @@ class EnergyCounter:
 
     def __call__(self, neuron, spikes):  # a SpikingNeuron fired
         layer, rows = self.labels[neuron], spikes.shape[1]
-        count = _nonzeros_per_row(spikes)
+        count = _row_stats(spikes)[0]
         neurons = spikes[0, 0].numel()
         steps = spikes[:, 0].numel()
         leak_is_one = neuron.leak_logit is None and neuron.fixed_leak == 1.0
-        self.add(layer, "neurons", neuron_ops(neurons, spikes.shape[0], count, leak_is_one, neuron.reset), rows)
+        self.add(layer, "neurons", [neuron_ops(neurons, spikes.shape[0], fired, leak_is_one, neuron.reset)
+                                    for fired in count], rows)
         self.add_traffic(layer, "neurons", rows, state=neuron_state_traffic(steps))
         self._add(("spikes", layer, None), count, rows)
         self._add(("neuron_steps", layer, None), steps, rows)

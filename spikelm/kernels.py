@@ -22,6 +22,9 @@ Both compute exactly what those PyTorch paths compute, operation for operation (
   scale * q S / z, in one pass over the state (PyTorch makes three, and a dozen small operations for z). S and z
   come out as PyTorch's, bit for bit (k_i v_j is 0 or 1); q S sums S's rows in increasing order, which differs
   from a BLAS sum by rounding.
+- `row_stats`: what the energy counter asks of each matrix's input and each population's spikes, in one pass:
+  per batch row, the non-zeros and their sum, and whether every value is 0 or 1 (spikes) or a whole number
+  (spike counts).
 """
 
 import ctypes
@@ -98,12 +101,38 @@ void NAME(REAL *state, const REAL *q, const REAL *k, const REAL *v, const REAL *
     }                                                                                                        \
 }
 
+#define ROW_STATS(NAME, REAL)                                                                                \
+int NAME(const REAL *x, int64_t steps, int64_t batch, int64_t inner, int64_t *nonzero, double *sums) {       \
+    int binary = 1, whole = 1;                                                                               \
+    for (int64_t b = 0; b < batch; b++) { nonzero[b] = 0; sums[b] = 0; }                                     \
+    for (int64_t t = 0; t < steps; t++)                                                                      \
+        for (int64_t b = 0; b < batch; b++) {                                                                \
+            const REAL *row = x + (t * batch + b) * inner;                                                   \
+            int64_t count = 0;                                                                               \
+            double sum = 0;                                                                                  \
+            for (int64_t i = 0; i < inner; i++) {                                                            \
+                const REAL value = row[i];                                                                   \
+                if (value != 0) {                                                                            \
+                    count++;                                                                                 \
+                    sum += value;                                                                            \
+                    if (value != 1) binary = 0;                                                              \
+                    if (!(value > 0 && value < 1e15 && (REAL)(int64_t)value == value)) whole = 0;            \
+                }                                                                                            \
+            }                                                                                                \
+            nonzero[b] += count;                                                                             \
+            sums[b] += sum;                                                                                  \
+        }                                                                                                    \
+    return binary | (whole << 1);                                                                            \
+}
+
 LIF(spikelm_lif_f32, float)
 LIF(spikelm_lif_f64, double)
 SPIKE_MATMUL(spikelm_spike_matmul_f32, float)
 SPIKE_MATMUL(spikelm_spike_matmul_f64, double)
 SSA_STEP(spikelm_ssa_step_f32, float)
 SSA_STEP(spikelm_ssa_step_f64, double)
+ROW_STATS(spikelm_row_stats_f32, float)
+ROW_STATS(spikelm_row_stats_f64, double)
 """
 
 # -O3 vectorises the row sums; -march=native for this machine's vector width (the cache key names the machine);
@@ -114,6 +143,7 @@ _LIF_ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, c
 _MATMUL_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                 ctypes.c_int64]
 _SSA_ARGS = [ctypes.c_void_p] * 8 + [ctypes.c_double, ctypes.c_double, ctypes.c_void_p] + [ctypes.c_int64] * 4
+_STATS_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
 _library = None  # the loaded kernels, False where they cannot be had
 _lock = threading.Lock()
 
@@ -180,6 +210,9 @@ def _load():
             getattr(library, name).restype = ctypes.c_int64
         for name in ("spikelm_ssa_step_f32", "spikelm_ssa_step_f64"):
             getattr(library, name).argtypes = _SSA_ARGS
+        for name in ("spikelm_row_stats_f32", "spikelm_row_stats_f64"):
+            getattr(library, name).argtypes = _STATS_ARGS
+            getattr(library, name).restype = ctypes.c_int
         _library = library
         return _library
 
@@ -242,3 +275,14 @@ def ssa_step(state, q, k, v, decay, decay_sum, mask, scale: float, min_sum: floa
                                    decay_sum.data_ptr(), mask.data_ptr(), new_decay_sum.data_ptr(), scale, min_sum,
                                    out.data_ptr(), T, B, H, d)
     return out, new_decay_sum
+
+
+def row_stats(x: torch.Tensor):
+    """x [T, B, ...] -> (non-zeros of each batch row, sum of each batch row, every value 0 or 1, every value a
+    whole number >= 0), the first two as lists of B Python numbers."""
+    x = x.contiguous()
+    steps, batch = x.shape[0], x.shape[1]
+    nonzero, sums = (ctypes.c_int64 * batch)(), (ctypes.c_double * batch)()  # plain C arrays: no tensor calls
+    flags = _function("row_stats", x.dtype)(x.data_ptr(), steps, batch, x[0, 0].numel() if x.numel() else 0,
+                                            nonzero, sums)
+    return list(nonzero), list(sums), bool(flags & 1), bool(flags & 2)
