@@ -17,6 +17,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
+# A C compiler: on the CPU spikelm builds its small kernels (a neuron population's time steps, spike-fed matmuls,
+# the attention decode step) on first use, in under a second; without one it runs slower PyTorch paths.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
+
 # torch first, pinned, so that installing the package leaves it as it is.
 # The CPU-only wheel by default (PyPI's x86-64 wheel is a multi-GB CUDA build); --build-arg TORCH_INDEX_URL=
 # (empty) takes PyPI's instead.

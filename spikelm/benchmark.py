@@ -27,12 +27,12 @@ from pathlib import Path
 
 FULL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, vocab_size=4096,
             time_steps=[4], contexts=[128, 512, 2048, 4096], train_batch=8, train_seq_len=256, decode_tokens=32,
-            repeats=5, warmup=1, neuron_shape=[4, 2048, 1024], energy_context=512,
+            repeats=5, warmup=1, rounds=3, neuron_shape=[4, 2048, 1024], energy_context=512,
             event_shape=dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16),
             crossover_shapes=[(256, 1024), (1024, 256), (1024, 4096), (4096, 1024)])
 QUICK = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, vocab_size=512,
              time_steps=[4], contexts=[128, 512], train_batch=4, train_seq_len=64, decode_tokens=8, repeats=3,
-             warmup=1, neuron_shape=[4, 512, 1024], energy_context=128,
+             warmup=1, rounds=1, neuron_shape=[4, 512, 1024], energy_context=128,
              event_shape=dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4),
              crossover_shapes=[(256, 1024), (1024, 256)])
 
@@ -372,8 +372,11 @@ def ratios(report):
         if name in training:
             out[f"training_tokens_per_s_{tag}_over_gpt2"] = training[name] / training["gpt2"]
         for context in contexts:
+            mine, gpt2 = inference[(name, context)], inference[("gpt2", context)]
+            rounds = list(zip(mine.get("decode_tokens_per_s_rounds", []), gpt2.get("decode_tokens_per_s_rounds", [])))
             out[f"decode_tokens_per_s_{tag}_over_gpt2_ctx{context}"] = (
-                inference[(name, context)]["decode_tokens_per_s"] / inference[("gpt2", context)]["decode_tokens_per_s"])
+                statistics.median(a / b for a, b in rounds) if rounds else
+                mine["decode_tokens_per_s"] / gpt2["decode_tokens_per_s"])
         energy = next((e for e in report["energy"]["models"] if e["name"] == name), None)
         if energy is not None:
             out[f"energy_per_token_{tag}_over_gpt2"] = energy["energy_ratio"]
@@ -396,27 +399,37 @@ def run_benchmark(settings, log=print):
     enable_compiled_kernels(True if settings.get("compile_neurons") else None)
     device = settings.get("device", "cpu")
     models = [(name, model.to(device)) for name, model in build_models(settings)]
-    for name, model in models:
-        model.eval()
-        inference_speed(model, settings["contexts"][0], settings)  # warm-up: the first run pays one-off costs
-        for context in settings["contexts"]:
-            row = {"name": name, **inference_speed(model, context, settings)}
-            report["inference"].append(row)
-            log(f"{name:>14} context {context:>5}: prefill {row['prefill_tokens_per_s']:9.0f} tokens/s, decode "
-                f"{row['decode_tokens_per_s']:7.1f} tokens/s, state {row['state_bytes'] / 2**20:7.2f} MiB")
+    timed = list(models)
     if settings.get("compile_decode"):  # each spikelm model again, its decode step compiled (compile_decode)
         import copy
 
-        for name, model in [(n, m) for n, m in models if n != "gpt2"]:
-            compiled = copy.deepcopy(model).compile_decode()
-            inference_speed(compiled, settings["contexts"][0], settings)  # warm-up: the compilation
-            for context in settings["contexts"]:
-                row = {"name": f"{name} compiled", **inference_speed(compiled, context, settings),
-                       "peak_rss_growth_bytes": None}
-                report["inference"].append(row)
-                log(f"{row['name']:>14} context {context:>5}: prefill {row['prefill_tokens_per_s']:9.0f} tokens/s, "
-                    f"decode {row['decode_tokens_per_s']:7.1f} tokens/s")
-            del compiled
+        timed += [(f"{name} compiled", copy.deepcopy(model).compile_decode()) for name, model in models
+                  if name != "gpt2"]
+    for name, model in timed:
+        model.eval()
+        inference_speed(model, settings["contexts"][0], settings)  # warm-up: one-off costs, compilation
+    # The models take turns, `rounds` times at each context: a machine whose speed drifts (a shared VM) drifts
+    # under all of them alike, and each ratio is the median of the ratios of the same round.
+    rows = {}
+    for context in settings["contexts"]:
+        for _ in range(settings.get("rounds", 1)):
+            for name, model in timed:
+                rows.setdefault((name, context), []).append(inference_speed(model, context, settings))
+    for name, _ in timed:
+        for context in settings["contexts"]:
+            runs = rows[(name, context)]
+            row = {"name": name, "context": context, "state_bytes": runs[0]["state_bytes"]}
+            for key in ("prefill_tokens_per_s", "prefill_s", "decode_tokens_per_s", "decode_ms_per_token"):
+                row[key] = statistics.median(run[key] for run in runs)
+            row["decode_tokens_per_s_rounds"] = [run["decode_tokens_per_s"] for run in runs]
+            if name.endswith(" compiled"):
+                row["peak_rss_growth_bytes"] = None  # the same state and memory as its model
+            report["inference"].append(row)
+            log(f"{name:>14} context {context:>5}: prefill {row['prefill_tokens_per_s']:9.0f} tokens/s, decode "
+                f"{row['decode_tokens_per_s']:7.1f} tokens/s (rounds: "
+                f"{', '.join(f'{r:.0f}' for r in row['decode_tokens_per_s_rounds'])}), "
+                f"state {row['state_bytes'] / 2**20:7.2f} MiB")
+    del timed
     report["event_driven"] = event_driven_speed(settings, log)
     report["energy"] = {"context": settings["energy_context"],
                         "models": [energy_per_token(name, model, settings) for name, model in models[1:]]}

@@ -12,7 +12,7 @@ from spikelm.reporting import results_page
 
 TRAINING = {"name", "tokens_per_s", "step_s"}
 INFERENCE = {"name", "context", "prefill_tokens_per_s", "prefill_s", "decode_tokens_per_s", "decode_ms_per_token",
-             "state_bytes", "peak_rss_growth_bytes"}
+             "state_bytes", "peak_rss_growth_bytes", "decode_tokens_per_s_rounds"}
 NEURON = {"shape", "spikelm_s", "relu_s", "spikingjelly_s", "ratio", "note", "spikelm_compiled_s"}
 ENERGY = {"name", "pj_per_token", "ann_pj_per_token", "energy_ratio", "firing_rate", "ac_per_token", "mac_per_token"}
 
@@ -50,7 +50,10 @@ def test_quick_bench_writes_every_field(tmp_path, capsys):
     decoded = settings["warmup"] + settings["decode_tokens"]
     for (name, context), row in rows.items():
         assert set(row) == INFERENCE
-        assert all(positive(row[k]) for k in INFERENCE - {"name", "context", "peak_rss_growth_bytes"})
+        assert all(positive(row[k]) for k in INFERENCE - {"name", "context", "peak_rss_growth_bytes",
+                                                          "decode_tokens_per_s_rounds"})
+        assert len(row["decode_tokens_per_s_rounds"]) == QUICK["rounds"]
+        assert row["decode_tokens_per_s"] in row["decode_tokens_per_s_rounds"]  # one round: its median
         assert row["peak_rss_growth_bytes"] is not None and row["peak_rss_growth_bytes"] >= 0
         if name == "gpt2":  # keys and values: 2 x layers x tokens x D float32 numbers
             tokens = context + decoded

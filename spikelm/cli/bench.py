@@ -31,6 +31,8 @@ def add_arguments(parser):
     parser.add_argument("--decode-tokens", type=int, default=None, help="decode steps timed per context (default 32)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats, medians reported (default 5)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 1)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="turns the models take at each context, ratios the median of each turn's (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--compile-neurons", action="store_true",
                         help="spikelm with the compiled neuron kernels (torch.compile; adds compilation time)")
@@ -54,14 +56,15 @@ def settings_from_args(args):
     flags = {"hidden_size": args.hidden_size, "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
              "vocab_size": args.vocab_size, "time_steps": args.time_steps, "contexts": args.contexts,
              "train_batch": args.train_batch, "train_seq_len": args.train_seq_len,
-             "decode_tokens": args.decode_tokens, "repeats": args.repeats, "warmup": args.warmup}
+             "decode_tokens": args.decode_tokens, "repeats": args.repeats, "warmup": args.warmup,
+             "rounds": args.rounds}
     settings.update({k: v for k, v in flags.items() if v is not None})
     if args.intermediate_size is not None:
         settings["intermediate_size"] = args.intermediate_size
     elif args.hidden_size is not None and not args.preset:
         settings["intermediate_size"] = 4 * args.hidden_size
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
-                "train_batch", "train_seq_len", "decode_tokens", "repeats"):
+                "train_batch", "train_seq_len", "decode_tokens", "repeats", "rounds"):
         if settings[key] < 1:
             raise SpikeLMError(f"--{key.replace('_', '-')} must be at least 1 (got {settings[key]})")
     if settings["warmup"] < 0:
