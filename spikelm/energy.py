@@ -430,6 +430,7 @@ class EnergyCounter:
 
     def __init__(self, positions=None):
         self._lists = {}  # (quantity, layer, kind) -> [int per row]; layer and kind are None where not per layer
+        self._uniform = {}  # ((quantity, layer, kind), rows) -> int added to each of the first `rows` rows
         self.labels = {}  # module -> layer label
         self.config = None
         self._position = torch.as_tensor(positions if positions is not None else [], dtype=torch.int64)
@@ -437,30 +438,37 @@ class EnergyCounter:
 
     def reset(self):
         self._lists.clear()
+        self._uniform.clear()
         self._position = torch.zeros(0, dtype=torch.int64)
 
     def _add(self, key, per_row, rows):
         """Add per-row counts under `key`: an int (the same for each row), a list of `rows` ints, or an int64
         tensor [rows]. Kept as Python integers (exact, and a decode step adds a few hundred small counts, each
-        tensor operation a few microseconds)."""
-        if isinstance(per_row, int) and not per_row:  # nothing to add (most traffic kinds of most hooks)
+        tensor operation a few microseconds); a count the same for every row is summed once, not per row."""
+        if isinstance(per_row, torch.Tensor):
+            per_row = per_row.to(torch.int64).expand(rows).tolist() if per_row.dim() else int(per_row)
+        if isinstance(per_row, int):
+            if per_row:  # nothing to add for most traffic kinds of most hooks
+                self._uniform[(key, rows)] = self._uniform.get((key, rows), 0) + per_row
             return
         total = self._lists.get(key)
         if total is None:
-            total = self._lists[key] = [0] * rows
-        elif len(total) < rows:  # a wider batch than before: more rows
+            self._lists[key] = list(per_row)
+            return
+        if len(total) < rows:  # a wider batch than before: more rows
             total += [0] * (rows - len(total))
-        if isinstance(per_row, torch.Tensor):
-            per_row = per_row.to(torch.int64).expand(rows).tolist() if per_row.dim() else int(per_row)
-        if isinstance(per_row, list):
-            for i, value in enumerate(per_row):
-                total[i] += value
-        elif per_row:
-            for i in range(rows):
-                total[i] += per_row
+        for i, value in enumerate(per_row):
+            total[i] += value
 
     def _merged(self) -> dict:
         """{(quantity, layer, kind): [count per row]}, as Python integers."""
+        for (key, rows), value in self._uniform.items():
+            total = self._lists.setdefault(key, [])
+            if len(total) < rows:
+                total += [0] * (rows - len(total))
+            for i in range(rows):
+                total[i] += value
+        self._uniform.clear()
         return self._lists
 
     @property
@@ -470,8 +478,9 @@ class EnergyCounter:
 
     def add(self, layer, kind, ops, rows=1):
         """ops: (ACs, MACs), each an int, a tensor [rows], or for per-row rules a list of (AC, MAC) per row."""
-        if isinstance(ops, list):
+        if isinstance(ops, list):  # one (AC, MAC) per row; a part the same in every row is added once
             ac, mac = [row[0] for row in ops], [row[1] for row in ops]
+            ac, mac = (part[0] if len(set(part)) == 1 else part for part in (ac, mac))
         else:
             ac, mac = ops
         self._add(("ac", layer, kind), ac, rows)
@@ -593,30 +602,34 @@ class EnergyCounter:
     def rows(self) -> int:
         return max((len(v) for v in self._merged().values()), default=0)
 
-    def _row(self, i) -> tuple[EnergyCounts, dict[str, float]]:
-        totals, spikes, steps = dict.fromkeys(COUNTED, 0), {}, {}
-        for (quantity, layer, _), values in self._merged().items():
-            if i < len(values):
-                totals[quantity] += values[i]
-                if quantity == "spikes":
-                    spikes[layer] = values[i]
-                elif quantity == "neuron_steps":
-                    steps[layer] = values[i]
-        rates = {layer: spikes.get(layer, 0) / steps[layer] for layer in sorted(steps, key=_layer_order)
-                 if steps[layer]}
-        return EnergyCounts(**totals), rates
+    def _rows(self) -> list[tuple[EnergyCounts, dict[str, float]]]:
+        """(counts, firing rate per layer) of every batch row, in one pass over the keys."""
+        merged = self._merged()
+        rows = max((len(values) for values in merged.values()), default=0)
+        totals = [dict.fromkeys(COUNTED, 0) for _ in range(rows)]
+        spikes, steps = [{} for _ in range(rows)], [{} for _ in range(rows)]
+        for (quantity, layer, _), values in merged.items():
+            per_layer = spikes if quantity == "spikes" else steps if quantity == "neuron_steps" else None
+            for i, value in enumerate(values):
+                totals[i][quantity] += value
+                if per_layer is not None:
+                    per_layer[i][layer] = value
+        return [(EnergyCounts(**totals[i]),
+                 {layer: spikes[i].get(layer, 0) / steps[i][layer] for layer in sorted(steps[i], key=_layer_order)
+                  if steps[i][layer]})
+                for i in range(rows)]
 
     def row(self, i) -> EnergyCounts:
         """The counts of batch row i, summed over layers."""
-        return self._row(i)[0]
+        return self._rows()[i][0]
 
     def row_firing_rate_per_layer(self, i) -> dict[str, float]:
         """Spikes per neuron and time step of batch row i, by layer ("layers.0", ..., "head"), in layer order."""
-        return self._row(i)[1]
+        return self._rows()[i][1]
 
     def per_row(self) -> list[tuple[EnergyCounts, dict[str, float]]]:
         """(row(i), row_firing_rate_per_layer(i)) for every row: what a batched decode step reports."""
-        return [self._row(i) for i in range(self.rows)]
+        return self._rows()
 
     def total(self) -> EnergyCounts:
         totals = dict.fromkeys(COUNTED, 0)
