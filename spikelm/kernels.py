@@ -174,8 +174,12 @@ def _build(target: Path):
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         source, built = Path(scratch) / "kernels.c", Path(scratch) / target.name
         source.write_text(SOURCE)
-        result = subprocess.run([compiler, *FLAGS, str(source), "-o", str(built)], capture_output=True, text=True)
-        if result.returncode != 0:
+        for flags in (FLAGS, [flag for flag in FLAGS if not flag.startswith("-march")]):  # some compilers
+            result = subprocess.run([compiler, *flags, str(source), "-o", str(built)], capture_output=True,
+                                    text=True)  # (older Apple clang on arm64) know no -march=native
+            if result.returncode == 0:
+                break
+        else:
             raise OSError(f"{compiler} failed: {result.stderr.strip()[-500:]}")
         os.replace(built, target)  # atomic: another process loading it sees the whole file or none
 
