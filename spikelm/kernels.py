@@ -174,9 +174,10 @@ def _build(target: Path):
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         source, built = Path(scratch) / "kernels.c", Path(scratch) / target.name
         source.write_text(SOURCE)
-        for flags in (FLAGS, [flag for flag in FLAGS if not flag.startswith("-march")]):  # some compilers
+        # again without -march=native where the compiler does not know it (older Apple clang on arm64)
+        for flags in (FLAGS, [flag for flag in FLAGS if not flag.startswith("-march")]):
             result = subprocess.run([compiler, *flags, str(source), "-o", str(built)], capture_output=True,
-                                    text=True)  # (older Apple clang on arm64) know no -march=native
+                                    text=True)
             if result.returncode == 0:
                 break
         else:
