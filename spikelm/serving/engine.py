@@ -32,7 +32,9 @@ counted in its own forwards (only the tokens that ran: a cached prefix costs not
 """
 
 import collections
+import functools
 import itertools
+import json
 import logging
 import random
 import threading
@@ -70,13 +72,17 @@ class SamplingParams:
     seed: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
 
 def sample_next(logits, params: SamplingParams, generator) -> int:
     """One token id from logits [V] with the sequence's own generator."""
     if params.logit_bias:
         ids = torch.tensor(list(params.logit_bias), dtype=torch.long)
         logits = logits.index_add(0, ids, torch.tensor(list(params.logit_bias.values()), dtype=logits.dtype))
-    if params.temperature == 0 or params.top_k == 1:
+    if params.greedy:
         return int(torch.argmax(logits))
     logits = logits / params.temperature
     if 0 < params.top_k < logits.shape[-1]:
@@ -93,23 +99,81 @@ def sample_next(logits, params: SamplingParams, generator) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-class TextStream:
-    """Turns generated ids into text deltas: decodes all generated ids together (SentencePiece drops a word's
-    leading space when a token is decoded alone) and sends the new suffix; holds back text ending in U+FFFD
-    (an incomplete multi-byte character) and text that may be the start of a stop sequence."""
+class Detokenizer:
+    """`tokenizer.decode(ids, skip_special_tokens=True)`, and the ids after which the text so far is final.
 
-    def __init__(self, tokenizer, stops: list[str]):
+    Where the tokenizer's decoder turns each token (a run of byte tokens: each run) into text on its own and
+    joins the texts (Replace and ByteFallback, then Fuse: spikelm's SentencePiece tokenizers; or Fuse alone),
+    the text of ids[:k] is a prefix of every later text once ids[k - 1] is an ordinary token: not a byte token
+    (a run of them decodes as one, or as U+FFFDs when it is not UTF-8) and not an added one (a skipped special
+    token joins the byte runs around it). Other decoders get no such ids (Metaspace drops the first token's
+    space, ByteLevel joins bytes across tokens, cleaning up spaces looks across tokens): their streams decode
+    every id at every token, as before."""
+
+    JOINED_PER_TOKEN = ("Replace", "ByteFallback")  # decoders that map each token (each byte run) alone
+
+    def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self.piece_ends = self._piece_ends(tokenizer)
+        self._pieces: dict[int, str] = {}  # an ordinary token's own text
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def piece(self, token_id: int) -> str:
+        """The text an id in piece_ends adds after a final text."""
+        text = self._pieces.get(token_id)
+        if text is None:
+            text = self._pieces[token_id] = self.decode([token_id])
+        return text
+
+    @classmethod
+    def _piece_ends(cls, tokenizer) -> frozenset[int]:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None or backend.decoder is None or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+            return frozenset()
+        decoder = json.loads(backend.to_str())["decoder"]
+        steps = [step["type"] for step in (decoder["decoders"] if decoder["type"] == "Sequence" else [decoder])]
+        if steps[-1:] != ["Fuse"] or any(step not in cls.JOINED_PER_TOKEN for step in steps[:-1]):
+            return frozenset()
+        added = set(getattr(tokenizer, "added_tokens_decoder", {}))  # special tokens are in the model vocabulary too
+        return frozenset(token_id for token, token_id in backend.get_vocab(with_added_tokens=False).items()
+                         if token_id not in added and not cls._byte_token(token))
+
+    @staticmethod
+    def _byte_token(token: str) -> bool:
+        """ByteFallback's shape of a byte token, "<0x41>"."""
+        return len(token) == 6 and token.startswith("<0x") and token.endswith(">")
+
+
+class TextStream:
+    """Turns generated ids into text deltas: the text is always what decoding all generated ids together gives
+    (SentencePiece drops a word's leading space when a token is decoded alone), built from the final text so
+    far and the ids after it (Detokenizer); sends the new suffix; holds back text ending in U+FFFD (an
+    incomplete multi-byte character) and text that may be the start of a stop sequence."""
+
+    def __init__(self, detokenizer: Detokenizer, stops: list[str]):
+        self.detokenizer = detokenizer
         self.stops = stops
+        self.longest_stop = max((len(s) for s in stops), default=0)
         self.ids: list[int] = []
         self.text = ""  # everything decoded so far
         self.sent = 0  # characters of self.text already handed out
+        self.final_ids = 0  # ids whose text no later id changes: the first final_chars characters of self.text
+        self.final_chars = 0
 
     def push(self, token_id: int) -> tuple[str, bool]:
         """Add a token; return (new text to send, whether a stop sequence was reached)."""
         self.ids.append(token_id)
-        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        start = max(0, self.sent - max((len(s) for s in self.stops), default=0))
+        ends_piece = token_id in self.detokenizer.piece_ends
+        if ends_piece and self.final_ids == len(self.ids) - 1:  # the usual token: its own text, decoded once
+            tail = self.detokenizer.piece(token_id)
+        else:
+            tail = self.detokenizer.decode(self.ids[self.final_ids:])
+        self.text = self.text[:self.final_chars] + tail
+        if ends_piece:
+            self.final_ids, self.final_chars = len(self.ids), len(self.text)
+        start = max(0, self.sent - self.longest_stop)
         hits = [p for p in (self.text.find(s, start) for s in self.stops) if p >= 0]
         if hits:
             end = max(min(hits), self.sent)
@@ -224,6 +288,7 @@ class Engine:
         self.model = model.to(dtype).eval()
         set_batch_invariant(self.model)  # per-row sums in a fixed order: batch neighbours change nothing
         self.tokenizer = tokenizer
+        self.detokenizer = Detokenizer(tokenizer)
         self.config = model.config
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -233,6 +298,8 @@ class Engine:
         self.idle_prefill_tokens = max(idle_prefill_tokens, step_tokens)
         self.e_ac_pj, self.e_mac_pj = e_ac_pj, e_mac_pj
         self.prices = Prices(e_ac=e_ac_pj, e_mac=e_mac_pj)  # fp32 memory prices (spikelm.energy)
+        # a decode step's GPT-2 reference depends on its position alone: every stream at that position shares it
+        self._gpt2_pj_of = functools.lru_cache(maxsize=16384)(self._reference_pj)
         eos = {tokenizer.eos_token_id, *(self.config.eos_token_id if isinstance(self.config.eos_token_id, list)
                                          else [self.config.eos_token_id])}
         self.eos_ids = {i for i in eos if i is not None}
@@ -269,7 +336,7 @@ class Engine:
 
     def submit(self, prompt_ids, params: SamplingParams, on_event, request_id=None) -> Sequence:
         """Queue a request; raises EngineBusy when every slot and the queue are taken."""
-        sequence = Sequence(prompt_ids, params, on_event, TextStream(self.tokenizer, params.stop), request_id)
+        sequence = Sequence(prompt_ids, params, on_event, TextStream(self.detokenizer, params.stop), request_id)
         with self._wakeup:
             if self._stopping:
                 raise EngineStopped("the server is shutting down")
@@ -456,6 +523,7 @@ class Engine:
         self._cache = output.cache
         self.steps += 1
         self.last_batch_size = len(batch)
+        greedy = self._greedy_tokens(batch, output.logits)
         keep = []
         for row, (sequence, (energy, rates)) in enumerate(zip(batch, counter.per_row())):
             if sequence.generated:
@@ -463,9 +531,20 @@ class Engine:
             else:  # a prompt's last token: its first token carries the whole prompt's counts
                 self._add_prompt_counts(sequence, energy, rates, 1)
                 energy, rates = self._prompt_counts(sequence)
-            if not self._accept(sequence, output.logits[row, -1], energy, rates):
+            token = greedy.get(row)
+            logits = output.logits[row, -1] if token is None else None
+            if not self._accept(sequence, logits, energy, rates, token):
                 keep.append(row)
         self._keep_rows(keep)
+
+    @staticmethod
+    def _greedy_tokens(batch, logits) -> dict[int, int]:
+        """Row -> token of the rows sampled greedily without a logit bias: one argmax over their logits [B, 1, V]
+        (the same first maximum as each row's own argmax) instead of one per row."""
+        rows = [row for row, s in enumerate(batch) if s.params.greedy and not s.params.logit_bias]
+        if not rows:
+            return {}
+        return dict(zip(rows, torch.argmax(logits[rows, -1], dim=-1).tolist()))
 
     def _drop_cancelled(self):
         keep = [row for row, s in enumerate(self._active) if not s.cancelled]
@@ -483,15 +562,16 @@ class Engine:
             return
         self._cache.select_rows(torch.tensor(keep, dtype=torch.long))
 
-    def _accept(self, sequence, logits, energy: EnergyCounts, firing_rate_per_layer=None) -> bool:
-        """Sample the next token from logits [V], tell the request; returns True when the sequence is done
-        (finished, or failed: a failure here is this sequence's alone)."""
-        try:
-            token = sample_next(logits, sequence.params, sequence.generator)
-        except Exception:
-            logger.exception("sampling failed for request %s", sequence.request_id)
-            self._fail(sequence)
-            return True
+    def _accept(self, sequence, logits, energy: EnergyCounts, firing_rate_per_layer=None, token=None) -> bool:
+        """Sample the next token from logits [V] (unless `token` was already picked), tell the request; returns
+        True when the sequence is done (finished, or failed: a failure here is this sequence's alone)."""
+        if token is None:
+            try:
+                token = sample_next(logits, sequence.params, sequence.generator)
+            except Exception:
+                logger.exception("sampling failed for request %s", sequence.request_id)
+                self._fail(sequence)
+                return True
         sequence.generated.append(token)
         sequence.energy += energy
         delta, hit_stop = ("", False) if token in self.eos_ids else sequence.text.push(token)
@@ -519,7 +599,10 @@ class Engine:
     def _gpt2_pj(self, energy: EnergyCounts) -> float:
         """The same-shape fp32 GPT-2's operations for the work `energy` counts (its counts are linear in tokens,
         logits and context, so the shares of a request's forward passes add up to the request's)."""
-        reference = gpt2_reference_counts(self.config, energy.tokens, logits=energy.logits, context=energy.context)
+        return self._gpt2_pj_of(energy.tokens, energy.logits, energy.context)
+
+    def _reference_pj(self, tokens: int, logits: int, context: int) -> float:
+        reference = gpt2_reference_counts(self.config, tokens, logits=logits, context=context)
         return self.prices.compute_pj(reference["counts"])
 
     def _usage(self, sequence) -> RequestUsage:

@@ -1,16 +1,19 @@
 """The serving engine without HTTP: exact per-row energy, text streaming, sampling."""
 
 import copy
+import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from conftest import tiny_config
+from conftest import shakespeare_text, tiny_config
 from spikelm import SpikeLMForCausalLM, count_energy
-from spikelm.energy import EnergyCounter
-from spikelm.serving.engine import SamplingParams, TextStream, sample_next
+from spikelm.energy import EnergyCounter, EnergyCounts, gpt2_reference_counts
+from spikelm.serving.engine import Detokenizer, Engine, SamplingParams, TextStream, sample_next
+from spikelm.tokenizer import train_tokenizer
 
 
 @pytest.mark.parametrize("attention_type", ["ssa", "sdsa"])
@@ -67,7 +70,7 @@ def _metaspace_tokenizer():
 def test_text_stream_never_splits_a_character():
     tokenizer = _byte_tokenizer()
     text = "é to €, or 😀!"
-    stream = TextStream(tokenizer, [])
+    stream = TextStream(Detokenizer(tokenizer), [])
     deltas = [stream.push(i)[0] for i in tokenizer(text)["input_ids"]]
     assert len(deltas) == len(text.encode("utf-8"))
     assert all("\ufffd" not in d for d in deltas)
@@ -76,14 +79,14 @@ def test_text_stream_never_splits_a_character():
 
 def test_text_stream_keeps_leading_spaces():
     tokenizer = _metaspace_tokenizer()
-    stream = TextStream(tokenizer, [])
+    stream = TextStream(Detokenizer(tokenizer), [])
     deltas = [stream.push(i)[0] for i in tokenizer("to be or not")["input_ids"]]
     assert deltas == ["to", " be", " or", " not"]
 
 
 def test_text_stream_holds_back_a_possible_stop_and_cuts_at_it():
     tokenizer = _byte_tokenizer()
-    stream = TextStream(tokenizer, ["END"])
+    stream = TextStream(Detokenizer(tokenizer), ["END"])
     sent = []
     for i in tokenizer("abcENxEND tail")["input_ids"]:
         delta, stopped = stream.push(i)
@@ -114,3 +117,60 @@ def test_a_vanishing_top_p_keeps_the_most_likely_token(dtype):
     for seed in range(5):
         assert sample_next(logits, SamplingParams(top_p=5e-324), torch.Generator().manual_seed(seed)) == \
             int(torch.argmax(logits))
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_tokenizer(tmp_path_factory):
+    """spikelm's own kind of tokenizer: SentencePiece pieces, and byte tokens for characters it never saw."""
+    return train_tokenizer([shakespeare_text(20_000)], tmp_path_factory.mktemp("tokenizer"), vocab_size=384)
+
+
+def _id_sequences(tokenizer):
+    """Stretches of the bundled corpus and of unseen characters, and random ids: runs of byte tokens that are
+    not UTF-8, special tokens between them, anything."""
+    corpus = shakespeare_text(None)
+    texts = [corpus[start:start + 1200] for start in range(0, len(corpus) - 1200, len(corpus) // 16)]
+    texts.append("unseen: Ωmega, 漢字, 😀, café, €100 " * 8)
+    sequences = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    rng = random.Random(0)
+    vocab = range(len(tokenizer))
+    odd = [i for i in vocab if i not in Detokenizer(tokenizer).piece_ends]  # bytes and specials
+    sequences += [[rng.choice(vocab) for _ in range(200)] for _ in range(10)]
+    sequences += [[rng.choice(odd if rng.random() < 0.8 else vocab) for _ in range(200)] for _ in range(10)]
+    return sequences
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "characters"])
+def test_text_stream_text_is_all_ids_decoded_together_at_every_token(kind, sentencepiece_tokenizer, char_tokenizer):
+    tokenizer = sentencepiece_tokenizer if kind == "sentencepiece" else char_tokenizer
+    detokenizer = Detokenizer(tokenizer)
+    assert detokenizer.piece_ends  # this decoder's text is built a piece at a time, not from all ids every time
+    for ids in _id_sequences(tokenizer):
+        stream = TextStream(detokenizer, [])
+        for n, token_id in enumerate(ids, 1):
+            stream.push(token_id)
+            assert stream.text == tokenizer.decode(ids[:n], skip_special_tokens=True)
+
+
+def test_decoders_that_look_across_tokens_decode_every_id():
+    assert not Detokenizer(_byte_tokenizer()).piece_ends
+    assert not Detokenizer(_metaspace_tokenizer()).piece_ends
+
+
+def test_batched_greedy_tokens_are_each_rows_own_argmax():
+    logits = torch.randint(0, 3, (6, 1, 10), generator=torch.Generator().manual_seed(0)).float()  # many ties
+    params = [SamplingParams(temperature=0), SamplingParams(top_k=1), SamplingParams(temperature=0),
+              SamplingParams(temperature=1.0), SamplingParams(temperature=0, logit_bias={3: 5.0}),
+              SamplingParams(temperature=0)]
+    batch = [SimpleNamespace(params=p) for p in params]
+    tokens = Engine._greedy_tokens(batch, logits)
+    assert sorted(tokens) == [0, 1, 2, 5]  # sampled rows and biased rows are sampled one by one
+    assert tokens == {row: sample_next(logits[row, -1], params[row], None) for row in tokens}
+
+
+def test_gpt2_reference_energy_is_the_reference_counts_priced(char_tokenizer):
+    engine = Engine(SpikeLMForCausalLM(tiny_config()), char_tokenizer)
+    for tokens, logits, context in [(1, 1, 7), (1, 1, 8), (1, 1, 7), (5, 1, 15), (5, 5, 15), (5, 1, 25)]:
+        reference = gpt2_reference_counts(engine.config, tokens, logits=logits, context=context)["counts"]
+        energy = EnergyCounts(tokens=tokens, logits=logits, context=context)
+        assert engine._gpt2_pj(energy) == engine.prices.compute_pj(reference)

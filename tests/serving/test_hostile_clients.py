@@ -269,8 +269,8 @@ def test_7_a_configured_host_name_is_accepted(model_dir):
 
 
 def test_8_a_sequence_in_prefill_holds_its_slot(model_dir):
-    with running_server(model_dir, max_batch=1, max_queue=1, max_prompt_tokens=8000, max_tokens=400) as base:
-        long_prompt = [3 + i % 15 for i in range(8000)]  # its prefill takes seconds
+    with running_server(model_dir, max_batch=1, max_queue=1, max_prompt_tokens=40000, max_tokens=400) as base:
+        long_prompt = [3 + i % 15 for i in range(40000)]  # its prefill takes seconds, however fast the machine
         held = {}
         holder = threading.Thread(target=lambda: held.update(
             response=post(base, {"prompt": long_prompt, "max_tokens": 300})))
