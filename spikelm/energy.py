@@ -447,6 +447,8 @@ class EnergyCounter:
         tensor operation a few microseconds); a count the same for every row is summed once, not per row."""
         if isinstance(per_row, torch.Tensor):
             per_row = per_row.to(torch.int64).expand(rows).tolist() if per_row.dim() else int(per_row)
+        if isinstance(per_row, list) and rows == 1:  # one sequence (a lone decode): a plain number
+            per_row = per_row[0]
         if isinstance(per_row, int):
             if per_row:  # nothing to add for most traffic kinds of most hooks
                 self._uniform[(key, rows)] = self._uniform.get((key, rows), 0) + per_row
@@ -483,13 +485,15 @@ class EnergyCounter:
             ac, mac = (part[0] if len(set(part)) == 1 else part for part in (ac, mac))
         else:
             ac, mac = ops
-        self._add(("ac", layer, kind), ac, rows)
-        self._add(("mac", layer, kind), mac, rows)
+        for quantity, values in (("ac", ac), ("mac", mac)):
+            if not (isinstance(values, int) and values == 0):  # a decode step makes hundreds of these calls
+                self._add((quantity, layer, kind), values, rows)
 
     def add_traffic(self, layer, kind, rows, weight_reads=0, state=(0, 0), spike=(0, 0)):
         for quantity, values in (("weight_reads", weight_reads), ("state_reads", state[0]),
                                  ("state_writes", state[1]), ("spike_reads", spike[0]), ("spike_writes", spike[1])):
-            self._add((quantity, layer, kind), values, rows)
+            if not (isinstance(values, int) and values == 0):
+                self._add((quantity, layer, kind), values, rows)
 
     # --- called by hooks and by the modules' `counter` attribute; tensors are [T, B, n, ...] (batch in dim 1)
     def linear(self, module, inputs, output):

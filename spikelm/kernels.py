@@ -288,6 +288,6 @@ def row_stats(x: torch.Tensor):
     x = x.contiguous()
     steps, batch = x.shape[0], x.shape[1]
     nonzero, sums = (ctypes.c_int64 * batch)(), (ctypes.c_double * batch)()  # plain C arrays: no tensor calls
-    flags = _function("row_stats", x.dtype)(x.data_ptr(), steps, batch, x[0, 0].numel() if x.numel() else 0,
+    flags = _function("row_stats", x.dtype)(x.data_ptr(), steps, batch, x.numel() // (steps * batch or 1),
                                             nonzero, sums)
     return list(nonzero), list(sums), bool(flags & 1), bool(flags & 2)
