@@ -365,8 +365,11 @@ def ratios(report):
     # every model timed (compiled decode rows too); training and energy only for the models that have them
     for name in dict.fromkeys(r["name"] for r in report["inference"]):
         tag = name.replace("spikelm T=", "spikelm_t").replace(" ", "_")
-        out[f"decode_time_{tag}_ctx{high}_over_ctx{low}"] = (inference[(name, high)]["decode_ms_per_token"]
-                                                             / inference[(name, low)]["decode_ms_per_token"])
+        rounds = list(zip(inference[(name, high)].get("decode_tokens_per_s_rounds", []),
+                          inference[(name, low)].get("decode_tokens_per_s_rounds", [])))
+        out[f"decode_time_{tag}_ctx{high}_over_ctx{low}"] = (
+            statistics.median(low_rate / high_rate for high_rate, low_rate in rounds) if rounds else
+            inference[(name, high)]["decode_ms_per_token"] / inference[(name, low)]["decode_ms_per_token"])
         if name == "gpt2":
             continue
         if name in training:
@@ -408,11 +411,12 @@ def run_benchmark(settings, log=print):
     for name, model in timed:
         model.eval()
         inference_speed(model, settings["contexts"][0], settings)  # warm-up: one-off costs, compilation
-    # The models take turns, `rounds` times at each context: a machine whose speed drifts (a shared VM) drifts
-    # under all of them alike, and each ratio is the median of the ratios of the same round.
+    # `rounds` rounds, each through every context, the models taking turns at each: a machine whose speed drifts
+    # (a shared VM) drifts under all of them alike, and each ratio is the median of the ratios of the same round
+    # (between models at one context, and between one model's contexts).
     rows = {}
-    for context in settings["contexts"]:
-        for _ in range(settings.get("rounds", 1)):
+    for _ in range(settings.get("rounds", 1)):
+        for context in settings["contexts"]:
             for name, model in timed:
                 rows.setdefault((name, context), []).append(inference_speed(model, context, settings))
     for name, _ in timed:

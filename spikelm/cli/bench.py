@@ -32,7 +32,8 @@ def add_arguments(parser):
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats, medians reported (default 5)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 1)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="turns the models take at each context, ratios the median of each turn's (default 3)")
+                        help="rounds through the contexts, the models taking turns at each; a ratio is the "
+                             "median of the rounds' ratios (default 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--compile-neurons", action="store_true",
                         help="spikelm with the compiled neuron kernels (torch.compile; adds compilation time)")
