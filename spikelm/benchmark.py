@@ -355,6 +355,15 @@ def machine_info():
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
+def _rate_ratio(row, other):
+    """Decode tokens/s of `row` over `other`: the median of the same rounds' ratios where both were timed in
+    rounds, else the ratio of their medians."""
+    rounds = list(zip(row.get("decode_tokens_per_s_rounds", []), other.get("decode_tokens_per_s_rounds", [])))
+    if rounds:
+        return statistics.median(mine / theirs for mine, theirs in rounds)
+    return row["decode_tokens_per_s"] / other["decode_tokens_per_s"]
+
+
 def ratios(report):
     """The headline comparisons, from the rows."""
     training = {r["name"]: r["tokens_per_s"] for r in report["training"]}
@@ -365,21 +374,16 @@ def ratios(report):
     # every model timed (compiled decode rows too); training and energy only for the models that have them
     for name in dict.fromkeys(r["name"] for r in report["inference"]):
         tag = name.replace("spikelm T=", "spikelm_t").replace(" ", "_")
-        rounds = list(zip(inference[(name, high)].get("decode_tokens_per_s_rounds", []),
-                          inference[(name, low)].get("decode_tokens_per_s_rounds", [])))
-        out[f"decode_time_{tag}_ctx{high}_over_ctx{low}"] = (
-            statistics.median(low_rate / high_rate for high_rate, low_rate in rounds) if rounds else
-            inference[(name, high)]["decode_ms_per_token"] / inference[(name, low)]["decode_ms_per_token"])
+        # time at the longest context over the shortest: the shortest's rate over the longest's
+        out[f"decode_time_{tag}_ctx{high}_over_ctx{low}"] = _rate_ratio(inference[(name, low)],
+                                                                        inference[(name, high)])
         if name == "gpt2":
             continue
         if name in training:
             out[f"training_tokens_per_s_{tag}_over_gpt2"] = training[name] / training["gpt2"]
         for context in contexts:
-            mine, gpt2 = inference[(name, context)], inference[("gpt2", context)]
-            rounds = list(zip(mine.get("decode_tokens_per_s_rounds", []), gpt2.get("decode_tokens_per_s_rounds", [])))
-            out[f"decode_tokens_per_s_{tag}_over_gpt2_ctx{context}"] = (
-                statistics.median(a / b for a, b in rounds) if rounds else
-                mine["decode_tokens_per_s"] / gpt2["decode_tokens_per_s"])
+            out[f"decode_tokens_per_s_{tag}_over_gpt2_ctx{context}"] = _rate_ratio(inference[(name, context)],
+                                                                                   inference[("gpt2", context)])
         energy = next((e for e in report["energy"]["models"] if e["name"] == name), None)
         if energy is not None:
             out[f"energy_per_token_{tag}_over_gpt2"] = energy["energy_ratio"]

@@ -4,8 +4,9 @@ A dense matmul of a spike vector s (0 or 1) with W reads all of W; but W s is th
 input fired. With W stored transposed (`weight_t` [in, out]) each firing input selects one contiguous row. For
 small batches (decode: T * B rows of spikes) three forms compute it, all at inference only:
 
-- the C kernel (`spikelm.kernels.spike_matmul`, the default where a C compiler is at hand): for each input that fires
-  in some row, its weight row is read once and added into the rows where it fired, in increasing input order.
+- the C kernel (`spikelm.kernels.spike_matmul`, the default where a C compiler is at hand): for each input that
+  fires in some row, its weight row is read once and added into the rows where it fired, in increasing input
+  order.
   One call; a neuron that fires at one step often fires at the next (the active set is about 1.3x the per-step
   firing rate in a trained model's decode), and its row is read once however many steps fired it.
 - compacted (PyTorch, where there is no C compiler): the inputs active in some row are found once, their
@@ -25,8 +26,8 @@ bit; in float32 they differ by rounding only.
 When it pays: a decode step reads each matrix once, after the other layers have pushed it out of the cache, so
 the dense matmul costs a pass over all of W from memory and the event-driven forms a pass over the active
 rows. `crossover()` measures exactly that (each shape's weights cycled through more memory than the cache
-holds); the EVENT_DRIVEN_MAX_ constants are set from it. Training (autograd on) always takes
-the dense matmul.
+holds); the EVENT_DRIVEN_MAX_ constants are set from it. Training (autograd on) always takes the dense
+matmul.
 """
 
 import time
@@ -68,9 +69,9 @@ def set_event_driven(model, enabled: bool = True):
 
 
 def set_batch_invariant(model, enabled: bool = True):
-    """At inference, always use the gather-sum in `model`, whatever the rate and batch: every output row is
-    then summed in a fixed order of its own inputs, so a sequence's numbers do not depend on its batch
-    neighbours (the server's float32 engine)."""
+    """At inference, always sum event-driven in `model` (the C kernel, else the gather-sum), whatever the rate
+    and batch: every output row is then summed in a fixed order of its own inputs, so a sequence's numbers do
+    not depend on its batch neighbours (the server's float32 engine)."""
     for module in model.modules():
         if isinstance(module, SpikeLinear):
             module.batch_invariant = enabled
@@ -107,15 +108,16 @@ def _gather_sum(flat, rows, inputs, weight_t, counts):
 
 class SpikeLinear(nn.Linear):
     """nn.Linear for a matrix fed spikes (or, `counts`, per-token spike counts): at inference with a small
-    batch and sparse input, the event-driven compacted matmul (or, `batch_invariant`, the gather-sum);
-    otherwise the dense matmul. Same parameters and state dict as nn.Linear; the transposed copy of the weight
-    is made on first use and remade when the weight changes (training, loading, `.to()`)."""
+    batch and sparse input, event-driven (the C kernel, else the compacted matmul; with `batch_invariant`, the
+    C kernel or the gather-sum, whatever the batch and rate); otherwise the dense matmul. Same parameters and
+    state dict as nn.Linear; the transposed copy of the weight is made on first use and remade when the weight
+    changes (training, loading, `.to()`)."""
 
     def __init__(self, in_features, out_features, bias=False, counts=False, **kwargs):
         super().__init__(in_features, out_features, bias=bias, **kwargs)
         self.counts = counts
-        self.event_driven = True  # at inference, the compacted matmul where it pays (set_event_driven)
-        self.batch_invariant = False  # at inference, always the gather-sum (set_batch_invariant)
+        self.event_driven = True  # at inference, event-driven where it pays (set_event_driven)
+        self.batch_invariant = False  # at inference, always a fixed-order row sum (set_batch_invariant)
         self._weight_t = None
         self._weight_key = None
 
@@ -169,8 +171,8 @@ def crossover(shapes=CROSSOVER_SHAPES, active=(0.1, 0.3, 0.5, 0.7), batches=(1, 
     with probability `fire_when_active`.
     -> rows of {in, out, batch, active, rate, dense_us, kernel_us (None without the kernel), compacted_us,
     gather_us} (best of `passes`), and per shape and batch the highest firing rate at which the kernel, and the
-    highest active fraction at which the compacted form, beat dense (`spikelm bench` reports them;
-    EVENT_DRIVEN_MAX_RATE and EVENT_DRIVEN_MAX_ACTIVE are set from such runs)."""
+    highest active fraction at which the compacted form, beat dense (`spikelm bench` reports them; the
+    EVENT_DRIVEN_MAX_ constants are set from such runs)."""
     generator = torch.Generator().manual_seed(0)
     with_kernel = kernel_supports(torch.empty(0, dtype=dtype))
     rows = []
