@@ -26,8 +26,13 @@ bit; in float32 they differ by rounding only.
 When it pays: a decode step reads each matrix once, after the other layers have pushed it out of the cache, so
 the dense matmul costs a pass over all of W from memory and the event-driven forms a pass over the active
 rows. `crossover()` measures exactly that (each shape's weights cycled through more memory than the cache
-holds); the EVENT_DRIVEN_MAX_ constants are set from it. Training (autograd on) always takes the dense
-matmul.
+holds); the EVENT_DRIVEN_MAX_ constants are set from it.
+
+Training (autograd on, many rows) has the same sparsity: every matrix's input is spikes, at firing rates of
+0.02-0.23 in the models we train. `SpikeMatmul` computes the forward (x W^T) and the weight's gradient
+(g^T x) over the firing inputs only, with the C kernels; the input's gradient (g W) stays a dense matmul, since
+the surrogate gradient reaches every input. Where the input is busier than TRAINING_MAX_RATE, or there is no C
+compiler, the dense matmul runs.
 """
 
 import time
@@ -36,7 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import count_nonzero as count_nonzero_kernel
+from .kernels import spike_grad_weight as spike_grad_weight_kernel
 from .kernels import spike_matmul as spike_matmul_kernel
+from .kernels import spike_matmul_rows as spike_matmul_rows_kernel
 from .kernels import supports as kernel_supports
 
 # Measured by `crossover()` (2026-12-02, one thread, idle 2-core Zen 4 VM with 32 MiB of L3, weights cycled
@@ -56,6 +64,14 @@ EVENT_DRIVEN_MAX_ROWS = 256  # input vectors per call (T * batch * tokens) up to
 # Below this many weights a matrix is read from cache anyway and the dense matmul's one call is as cheap (the
 # gate's [H, D] matrix; 256x256 already gains 1.6x at active fraction 0.2).
 EVENT_DRIVEN_MIN_WEIGHTS = 32768
+# Training (autograd on, the CPU, the C kernels at hand): a matrix whose input has at most this fraction of
+# non-zeros takes `SpikeMatmul` (forward and weight gradient summed over the firing inputs only). Measured
+# (2026-12-02, one thread, 8192 rows = T * batch * tokens, [in, out] 256x1024 / 1024x256 / 512x512): forward plus
+# weight gradient over the dense pair, at firing rates 0.1 / 0.2 / 0.3 / 0.4: 2.4-3.5x / 1.3-2.0x / 0.93-1.46x /
+# 0.77-1.17x. On a random-init model's own spikes (rates 0.18, and 0.03 into the MLP's second matrix) the forward
+# was 1.5-5.6x the dense one.
+TRAINING_MAX_RATE = 0.3
+TRAINING_MIN_ROWS = 512  # fewer rows: the count and the call cost more than they save
 # the cache-flushing pool of crossover(): more than the last-level caches of the machines we run on
 CROSSOVER_POOL_BYTES = 96 << 20
 CROSSOVER_SHAPES = ((256, 1024), (1024, 256), (1024, 4096), (4096, 1024))  # [in, out] of `base` to `medium`
@@ -106,6 +122,35 @@ def _gather_sum(flat, rows, inputs, weight_t, counts):
     return out.index_add_(0, rows, selected)
 
 
+class SpikeMatmul(torch.autograd.Function):
+    """x @ W.T for a matrix fed spikes, in training: the forward sums the weight rows of each row's firing
+    inputs and the weight's gradient sums each firing input's output gradients (the C kernels, over the
+    spikes only); the input's gradient, grad @ W, is dense (a surrogate gradient reaches every input).
+    x [rows, in] spikes or counts; weight [out, in]."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return spike_matmul_rows_kernel(x, weight.detach().t().contiguous(), torch.get_num_threads())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_weight = spike_grad_weight_kernel(x, grad, torch.get_num_threads()).t() \
+            if ctx.needs_input_grad[1] else None
+        return grad_x, grad_weight
+
+
+def sparse_enough_for_training(flat) -> bool:
+    """Whether a training matmul fed `flat` [rows, in] takes `SpikeMatmul`: the C kernels run on it, there are
+    enough rows to pay for the count, and few enough inputs fire."""
+    return flat.shape[0] >= TRAINING_MIN_ROWS and kernel_supports(flat) and \
+        not torch.is_autocast_enabled("cpu") and \
+        count_nonzero_kernel(flat) <= TRAINING_MAX_RATE * flat.numel()
+
+
 class SpikeLinear(nn.Linear):
     """nn.Linear for a matrix fed spikes (or, `counts`, per-token spike counts): at inference with a small
     batch and sparse input, event-driven (the C kernel, else the compacted matmul; with `batch_invariant`, the
@@ -132,6 +177,13 @@ class SpikeLinear(nn.Linear):
 
     def forward(self, x):
         invariant = self.batch_invariant
+        if torch.is_grad_enabled() and self.event_driven and x.dim() >= 2 and not torch.compiler.is_compiling():
+            flat = x.reshape(-1, x.shape[-1])
+            if sparse_enough_for_training(flat):
+                out = SpikeMatmul.apply(flat, self.weight)
+                if self.bias is not None:
+                    out = out + self.bias
+                return out.view(*x.shape[:-1], self.out_features)
         if torch.is_grad_enabled() or not (self.event_driven or invariant) or x.dim() < 2 or \
                 torch.compiler.is_compiling():  # a compiled step: static shapes, the dense matmul
             return super().forward(x)

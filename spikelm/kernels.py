@@ -1,5 +1,5 @@
-"""C kernels for inference on the CPU: a neuron population's T steps, a matmul fed spikes, a decode step of
-spike attention.
+"""C kernels for the CPU: a neuron population's T steps, matmuls fed spikes (decode and training), a decode step
+of spike attention.
 
 A decode step is a few hundred operations on vectors of a few hundred numbers, so its time goes to calling
 them (about 2 microseconds each through PyTorch here), not to arithmetic. A population's T steps are 3 * T + 4
@@ -22,6 +22,12 @@ Both compute exactly what those PyTorch paths compute, operation for operation (
   scale * q S / z, in one pass over the state (PyTorch makes three, and a dozen small operations for z). S and z
   come out as PyTorch's, bit for bit (k_i v_j is 0 or 1); q S sums S's rows in increasing order, which differs
   from a BLAS sum by rounding.
+- `spike_matmul_rows` and `spike_grad_weight`: training's matmuls fed spikes (thousands of rows): the forward
+  with rows outside (each output row stays in the first-level cache while its firing inputs' weight rows are
+  added, in the same order as `spike_matmul`: the same numbers), and the weight's gradient, g^T x, adding each
+  row's output gradient into the rows of the (transposed) gradient whose input fired. Rows (forward) or inputs
+  (gradient) are split over threads; each output is summed by one thread, so the numbers do not depend on how
+  many. `count_nonzero` says whether an input is sparse enough to take them.
 - `row_stats`: what the energy counter asks of each matrix's input and each population's spikes, in one pass:
   per batch row, the non-zeros and their sum, and whether every value is 0 or 1 (spikes) or a whole number
   (spike counts).
@@ -78,6 +84,51 @@ int64_t NAME(const REAL *x, int64_t rows, int64_t in, const REAL *weight_t, int6
     return nonzero;                                                                                          \
 }
 
+/* Training's two matmuls fed spikes, for many rows (T * batch * tokens). Rows outside: a row's output stays in
+   the first-level cache while the rows of its firing inputs are added in, in increasing input order, the same
+   per-output order as SPIKE_MATMUL (so the same numbers). A slice of rows per call (the caller's threads). */
+#define SPIKE_MATMUL_ROWS(NAME, REAL)                                                                        \
+void NAME(const REAL *x, int64_t rows, int64_t in, const REAL *weight_t, int64_t out, REAL *result) {      \
+    for (int64_t r = 0; r < rows; r++) {                                                                     \
+        const REAL *xr = x + r * in;                                                                         \
+        REAL *o = result + r * out;                                                                          \
+        for (int64_t k = 0; k < out; k++) o[k] = 0;                                                          \
+        for (int64_t i = 0; i < in; i++) {                                                                   \
+            const REAL c = xr[i];                                                                            \
+            if (c == 0) continue;                                                                            \
+            const REAL *w = weight_t + i * out;                                                              \
+            if (c == 1) for (int64_t k = 0; k < out; k++) o[k] += w[k];                                      \
+            else for (int64_t k = 0; k < out; k++) o[k] += c * w[k];                                         \
+        }                                                                                                    \
+    }                                                                                                        \
+}
+
+/* The weight's gradient, transposed: grad_t[i] = sum over rows r, in increasing order, of x[r, i] * g[r], for
+   the inputs first <= i < last (the caller's threads split the inputs). Each row of g is read once and added
+   into the rows of grad_t whose input fired. */
+#define SPIKE_GRAD_WEIGHT(NAME, REAL)                                                                        \
+void NAME(const REAL *x, int64_t rows, int64_t in, const REAL *g, int64_t out, REAL *grad_t, int64_t first, \
+          int64_t last) {                                                                                    \
+    for (int64_t k = first * out; k < last * out; k++) grad_t[k] = 0;                                        \
+    for (int64_t r = 0; r < rows; r++) {                                                                     \
+        const REAL *xr = x + r * in, *gr = g + r * out;                                                      \
+        for (int64_t i = first; i < last; i++) {                                                             \
+            const REAL c = xr[i];                                                                            \
+            if (c == 0) continue;                                                                            \
+            REAL *d = grad_t + i * out;                                                                      \
+            if (c == 1) for (int64_t k = 0; k < out; k++) d[k] += gr[k];                                     \
+            else for (int64_t k = 0; k < out; k++) d[k] += c * gr[k];                                        \
+        }                                                                                                    \
+    }                                                                                                        \
+}
+
+#define COUNT_NONZERO(NAME, REAL)                                                                            \
+int64_t NAME(const REAL *x, int64_t n) {                                                                     \
+    int64_t count = 0;                                                                                       \
+    for (int64_t k = 0; k < n; k++) count += x[k] != 0;                                                      \
+    return count;                                                                                            \
+}
+
 #define SSA_STEP(NAME, REAL)                                                                                 \
 void NAME(REAL *state, const REAL *q, const REAL *k, const REAL *v, const REAL *decay, const REAL *decay_sum, \
           const REAL *mask, REAL *new_decay_sum, double scale_, double min_sum_, REAL *out, int64_t steps,   \
@@ -129,6 +180,12 @@ LIF(spikelm_lif_f32, float)
 LIF(spikelm_lif_f64, double)
 SPIKE_MATMUL(spikelm_spike_matmul_f32, float)
 SPIKE_MATMUL(spikelm_spike_matmul_f64, double)
+SPIKE_MATMUL_ROWS(spikelm_spike_matmul_rows_f32, float)
+SPIKE_MATMUL_ROWS(spikelm_spike_matmul_rows_f64, double)
+SPIKE_GRAD_WEIGHT(spikelm_spike_grad_weight_f32, float)
+SPIKE_GRAD_WEIGHT(spikelm_spike_grad_weight_f64, double)
+COUNT_NONZERO(spikelm_count_nonzero_f32, float)
+COUNT_NONZERO(spikelm_count_nonzero_f64, double)
 SSA_STEP(spikelm_ssa_step_f32, float)
 SSA_STEP(spikelm_ssa_step_f64, double)
 ROW_STATS(spikelm_row_stats_f32, float)
@@ -142,6 +199,8 @@ _LIF_ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, c
              ctypes.c_int, ctypes.c_double]
 _MATMUL_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                 ctypes.c_int64]
+_ROWS_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+_GRAD_ARGS = _ROWS_ARGS + [ctypes.c_int64, ctypes.c_int64]
 _SSA_ARGS = [ctypes.c_void_p] * 8 + [ctypes.c_double, ctypes.c_double, ctypes.c_void_p] + [ctypes.c_int64] * 4
 _STATS_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
 _library = None  # the loaded kernels, False where they cannot be had
@@ -213,6 +272,13 @@ def _load():
         for name in ("spikelm_spike_matmul_f32", "spikelm_spike_matmul_f64"):
             getattr(library, name).argtypes = _MATMUL_ARGS
             getattr(library, name).restype = ctypes.c_int64
+        for name in ("spikelm_spike_matmul_rows_f32", "spikelm_spike_matmul_rows_f64"):
+            getattr(library, name).argtypes = _ROWS_ARGS
+        for name in ("spikelm_spike_grad_weight_f32", "spikelm_spike_grad_weight_f64"):
+            getattr(library, name).argtypes = _GRAD_ARGS
+        for name in ("spikelm_count_nonzero_f32", "spikelm_count_nonzero_f64"):
+            getattr(library, name).argtypes = [ctypes.c_void_p, ctypes.c_int64]
+            getattr(library, name).restype = ctypes.c_int64
         for name in ("spikelm_ssa_step_f32", "spikelm_ssa_step_f64"):
             getattr(library, name).argtypes = _SSA_ARGS
         for name in ("spikelm_row_stats_f32", "spikelm_row_stats_f64"):
@@ -266,6 +332,69 @@ def spike_matmul(x: torch.Tensor, weight_t: torch.Tensor, max_nonzero: int | Non
     nonzero = _function("spike_matmul", x.dtype)(x.data_ptr(), rows, d_in, weight_t.data_ptr(), d_out,
                                                  out.data_ptr(), x.numel() if max_nonzero is None else max_nonzero)
     return None if nonzero < 0 else out
+
+
+def count_nonzero(x: torch.Tensor) -> int:
+    """The number of non-zeros of x (one vectorised pass; torch.count_nonzero is several times slower here)."""
+    x = x.contiguous()
+    return _function("count_nonzero", x.dtype)(x.data_ptr(), x.numel())
+
+
+def _split(n: int, threads: int):
+    """[0, n) in `threads` contiguous parts (fewer where n is small)."""
+    parts = max(1, min(threads, n))
+    bounds = [n * p // parts for p in range(parts + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _run_parallel(calls):
+    """Run the kernel calls on torch's number of intra-op threads: ctypes lets go of the GIL inside C, so a
+    thread pool runs them side by side; each call writes its own part of the output."""
+    if len(calls) == 1:
+        return calls[0]()
+    futures = [_pool(len(calls)).submit(call) for call in calls[1:]]
+    calls[0]()
+    for future in futures:
+        future.result()
+
+
+_pools = {}
+
+
+def _pool(workers: int):
+    if workers not in _pools:
+        from concurrent.futures import ThreadPoolExecutor
+        _pools[workers] = ThreadPoolExecutor(workers - 1, thread_name_prefix="spikelm-kernel")
+    return _pools[workers]
+
+
+def spike_matmul_rows(x: torch.Tensor, weight_t: torch.Tensor, threads: int = 1) -> torch.Tensor:
+    """x [rows, in] (spikes or counts), weight_t [in, out] (contiguous, x's dtype) -> x @ weight_t, each row
+    summed as `spike_matmul` sums it (the same numbers), rows outside: for training's many rows. The rows are
+    split over `threads` threads."""
+    x = x.contiguous()
+    rows, d_in = x.shape
+    d_out = weight_t.shape[1]
+    out = torch.empty(rows, d_out, dtype=x.dtype)
+    function, size = _function("spike_matmul_rows", x.dtype), x.element_size()
+    calls = [lambda a=a, b=b: function(x.data_ptr() + a * d_in * size, b - a, d_in, weight_t.data_ptr(), d_out,
+                                        out.data_ptr() + a * d_out * size) for a, b in _split(rows, threads)]
+    _run_parallel(calls)
+    return out
+
+
+def spike_grad_weight(x: torch.Tensor, grad: torch.Tensor, threads: int = 1) -> torch.Tensor:
+    """x [rows, in] (spikes or counts), grad [rows, out] -> x.T @ grad [in, out] (the weight's gradient,
+    transposed), each entry summed over the rows in order; the inputs are split over `threads` threads."""
+    x, grad = x.contiguous(), grad.contiguous()
+    rows, d_in = x.shape
+    d_out = grad.shape[1]
+    out = torch.empty(d_in, d_out, dtype=x.dtype)
+    function = _function("spike_grad_weight", x.dtype)
+    calls = [lambda a=a, b=b: function(x.data_ptr(), rows, d_in, grad.data_ptr(), d_out, out.data_ptr(), a, b)
+             for a, b in _split(d_in, threads)]
+    _run_parallel(calls)
+    return out
 
 
 def ssa_step(state, q, k, v, decay, decay_sum, mask, scale: float, min_sum: float):

@@ -1,9 +1,10 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from spikelm import SpikeLMForCausalLM
 from spikelm import event_driven, kernels
-from spikelm.event_driven import SpikeLinear, compacted_matmul, event_driven_matmul
+from spikelm.event_driven import SpikeLinear, compacted_matmul, event_driven_matmul, set_event_driven
 from conftest import tiny_config
 
 
@@ -67,7 +68,7 @@ def test_spike_linear_takes_the_event_path_only_when_sparse_and_not_training(eve
         assert len(event_path) == 1
         assert torch.equal(layer(dense), dense @ layer.weight.t())
         assert len(event_path) == 1  # above the crossover: dense
-    out = layer(sparse.requires_grad_())  # autograd on: dense, with gradients
+    out = layer(sparse.requires_grad_())  # autograd on, 4 rows: dense, with gradients
     out.sum().backward()
     assert len(event_path) == 1 and layer.weight.grad is not None
     with torch.no_grad():  # the transposed copy follows the weight when it changes
@@ -80,6 +81,39 @@ def test_spike_linear_takes_the_event_path_only_when_sparse_and_not_training(eve
         small.batch_invariant = True  # ... unless every row must be summed in its own fixed order
         assert torch.equal(small(sparse), sparse @ small.weight.t())
         assert len(event_path) == 3
+
+
+def test_training_matmul_over_the_spikes_gives_the_dense_gradients(monkeypatch):
+    # autograd on, many rows, sparse input: SpikeMatmul (the forward and the weight's gradient over the firing
+    # inputs only, in C); its numbers and gradients are the dense matmul's (float64: to rounding of 1e-12)
+    assert kernels.available()
+    calls = []
+    forward, grad_weight = event_driven.spike_matmul_rows_kernel, event_driven.spike_grad_weight_kernel
+    monkeypatch.setattr(event_driven, "spike_matmul_rows_kernel", lambda *a: calls.append("forward") or forward(*a))
+    monkeypatch.setattr(event_driven, "spike_grad_weight_kernel",
+                        lambda *a: calls.append("weight") or grad_weight(*a))
+    torch.manual_seed(0)
+    layer = SpikeLinear(96, 40, bias=True).double()
+    x = spikes(4, 200, 96, rate=0.1).double().requires_grad_()  # 800 rows >= TRAINING_MIN_ROWS
+    out = layer(x)
+    assert calls == ["forward"]
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    sparse_grads = x.grad.clone(), layer.weight.grad.clone(), layer.bias.grad.clone()
+    x.grad, layer.weight.grad, layer.bias.grad = None, None, None
+    dense = F.linear(x, layer.weight, layer.bias)
+    dense.backward(grad)
+    assert calls == ["forward", "weight"]
+    assert (out - dense).abs().max() <= 1e-12
+    for got, expected in zip(sparse_grads, (x.grad, layer.weight.grad, layer.bias.grad)):
+        assert (got - expected).abs().max() <= 1e-12
+    # above TRAINING_MAX_RATE, or without the event-driven paths: the dense matmul
+    layer(spikes(4, 200, 96, rate=0.6).double().requires_grad_()).sum().backward()
+    set_event_driven(layer, False)
+    layer(x).sum().backward()
+    with torch.no_grad():
+        layer(x)  # inference, 800 rows: above EVENT_DRIVEN_MAX_ROWS
+    assert calls == ["forward", "weight"]
 
 
 @pytest.mark.parametrize("kind", ["ssa", "sdsa"])

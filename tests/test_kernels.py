@@ -35,6 +35,30 @@ def test_spike_counts_by_hand():
     assert kernels.spike_matmul(x, weight_t, max_nonzero=2) is None  # 3 non-zeros: left to the dense matmul
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_training_kernels_sum_like_the_decode_kernel_on_any_number_of_threads(dtype):
+    torch.manual_seed(0)
+    x = (torch.rand(700, 96) < 0.2).to(dtype)
+    x[::5] *= 3  # spike counts too
+    weight_t, grad = torch.randn(96, 40, dtype=dtype), torch.randn(700, 40, dtype=dtype)
+    out = kernels.spike_matmul_rows(x, weight_t)
+    assert torch.equal(out, kernels.spike_matmul(x, weight_t))  # rows outside, the same sums in the same order
+    grad_t = kernels.spike_grad_weight(x, grad)
+    assert grad_t.shape == (96, 40) and torch.allclose(grad_t, x.t() @ grad, atol=1e-4)
+    for threads in (2, 3, 7):  # each output is summed by one thread in one order: the same numbers
+        assert torch.equal(kernels.spike_matmul_rows(x, weight_t, threads), out)
+        assert torch.equal(kernels.spike_grad_weight(x, grad, threads), grad_t)
+    assert kernels.count_nonzero(x) == int(torch.count_nonzero(x))
+
+
+def test_weight_gradient_by_hand():
+    x = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 1.0]])  # input 1 never fires: its gradient row is 0
+    grad = torch.tensor([[1.0, 10.0], [100.0, 1000.0]])
+    # grad_t[i] = sum_r x[r, i] grad[r]: input 0 -> row 0; input 2 -> 2 * row 0 + row 1
+    assert kernels.spike_grad_weight(x, grad, threads=2).tolist() == [[1.0, 10.0], [0.0, 0.0], [102.0, 1020.0]]
+    assert kernels.spike_matmul_rows(x, torch.tensor([[1.0], [5.0], [0.5]])).tolist() == [[2.0], [0.5]]
+
+
 def test_without_a_compiler_the_pytorch_paths_run(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "_library", None)  # as in a fresh process
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStream
 
 from spikelm import SpikeLMCache, SpikeLMConfig, SpikeLMForCausalLM
 from spikelm.energy import count_inference
-from spikelm.modeling_spikelm import sdsa_parallel, sdsa_recurrent, ssa_parallel, ssa_recurrent
+from spikelm.modeling_spikelm import ATTENTION_BLOCK, sdsa_parallel, sdsa_recurrent, ssa_parallel, ssa_recurrent
 from conftest import REPO, tiny_config
 
 KINDS = ["ssa", "sdsa"]
@@ -173,7 +173,8 @@ def test_model_logits_parallel_equal_token_by_token_decoding(kind, gated):
         with torch.no_grad():
             for layer in model.model.layers:
                 layer.attention.gate_proj.weight.normal_(0.0, 1.0)
-    ids = torch.randint(0, 48, (2, 40))
+    n = ATTENTION_BLOCK + 40  # the parallel form runs over two blocks, carrying the state between them
+    ids = torch.randint(0, 48, (2, n))
     with torch.no_grad():
         parallel = model(ids, use_cache=False).logits
         cache, steps = None, []
@@ -184,10 +185,10 @@ def test_model_logits_parallel_equal_token_by_token_decoding(kind, gated):
         # a prefill of 25 tokens, then recurrent steps
         out = model(ids[:, :25], use_cache=True)
         mixed = [out.logits]
-        for i in range(25, 40):
+        for i in range(25, n):
             out = model(ids[:, i:i + 1], cache=out.cache)
             mixed.append(out.logits)
-    assert isinstance(cache, SpikeLMCache) and cache.get_seq_length() == 40
+    assert isinstance(cache, SpikeLMCache) and cache.get_seq_length() == n
     assert (parallel - torch.cat(steps, 1)).abs().max() <= 1e-4
     assert (parallel - torch.cat(mixed, 1)).abs().max() <= 1e-4
 
