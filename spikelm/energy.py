@@ -416,6 +416,7 @@ def _row_stats(x):
 
 
 COUNTED = tuple(f.name for f in fields(EnergyCounts))
+MEMO_LIMIT = 4096
 
 
 class EnergyCounter:
@@ -431,6 +432,13 @@ class EnergyCounter:
     def __init__(self, positions=None):
         self._lists = {}  # (quantity, layer, kind) -> [int per row]; layer and kind are None where not per layer
         self._uniform = {}  # ((quantity, layer, kind), rows) -> int added to each of the first `rows` rows
+        # Counts that depend only on a module and its input's shape (a norm's, a neuron's steps and state
+        # traffic, ...) are worked out once per (module, shape) and kept in `memo` (a CounterSwitch shares one
+        # between the counters it passes counts to); a forward only notes which apply (`_pending`), and they are
+        # summed when counts are read, once per distinct list (a decode step makes the same list every token).
+        self._pending = []
+        self.memo = {}
+        self._known = {}  # id(spikes) -> (spikes, row stats): a population's spikes, counted as it fired
         self.labels = {}  # module -> layer label
         self.config = None
         self._position = torch.as_tensor(positions if positions is not None else [], dtype=torch.int64)
@@ -439,7 +447,42 @@ class EnergyCounter:
     def reset(self):
         self._lists.clear()
         self._uniform.clear()
+        self._pending.clear()
+        self._known.clear()
         self._position = torch.zeros(0, dtype=torch.int64)
+
+    def _constant(self, token, compute):
+        """Note the counts of `token` (hashable: a handler, a module, a shape), which depend on nothing else:
+        `compute()` -> [((quantity, layer, kind), rows, value)], worked out the first time only."""
+        entries = self.memo.get(token)
+        if entries is None:
+            if len(self.memo) > MEMO_LIMIT:  # a server sees many prompt lengths: keep the memo bounded
+                self.memo.clear()
+            entries = self.memo[token] = tuple(entry for entry in compute() if entry[2])
+        self._pending.append(entries)
+
+    def _flush(self):
+        """Add the noted constant counts into `_uniform`: summed once per distinct list of notes."""
+        if not self._pending:
+            return
+        signature = tuple(map(id, self._pending))
+        summed = self.memo.get(signature)
+        if summed is None or summed[0] != self._pending:  # (an id reused by another tuple: work it out again)
+            totals = {}
+            for entries in self._pending:
+                for key, rows, value in entries:
+                    totals[(key, rows)] = totals.get((key, rows), 0) + value
+            summed = self.memo[signature] = (list(self._pending), tuple(totals.items()))
+        for key, value in summed[1]:
+            self._uniform[key] = self._uniform.get(key, 0) + value
+        self._pending.clear()
+
+    def _stats(self, x):
+        """_row_stats(x), from the population that fired x where it counted them already."""
+        known = self._known.get(id(x))
+        if known is not None and known[0] is x:
+            return known[1]
+        return _row_stats(x)
 
     def _add(self, key, per_row, rows):
         """Add per-row counts under `key`: an int (the same for each row), a list of `rows` ints, or an int64
@@ -464,6 +507,7 @@ class EnergyCounter:
 
     def _merged(self) -> dict:
         """{(quantity, layer, kind): [count per row]}, as Python integers."""
+        self._flush()
         for (key, rows), value in self._uniform.items():
             total = self._lists.setdefault(key, [])
             if len(total) < rows:
@@ -480,7 +524,9 @@ class EnergyCounter:
 
     def add(self, layer, kind, ops, rows=1):
         """ops: (ACs, MACs), each an int, a tensor [rows], or for per-row rules a list of (AC, MAC) per row."""
-        if isinstance(ops, list):  # one (AC, MAC) per row; a part the same in every row is added once
+        if isinstance(ops, list) and len(ops) == 1:  # one row
+            ac, mac = ops[0]
+        elif isinstance(ops, list):  # one (AC, MAC) per row; a part the same in every row is added once
             ac, mac = [row[0] for row in ops], [row[1] for row in ops]
             ac, mac = (part[0] if len(set(part)) == 1 else part for part in (ac, mac))
         else:
@@ -499,7 +545,7 @@ class EnergyCounter:
     def linear(self, module, inputs, output):
         x = inputs[0]
         rows, layer, out = x.shape[1], self.labels[module], module.out_features
-        nonzero, sums, binary, whole = _row_stats(x)
+        nonzero, sums, binary, whole = self._stats(x)
         if binary:
             ops = [weight_ops_on_spikes(out, spikes) for spikes in nonzero]
             reads = [weight_reads_on_spikes(out, spikes) for spikes in nonzero]
@@ -520,47 +566,80 @@ class EnergyCounter:
 
     def norm(self, module, inputs, output):
         x = inputs[0]
+        self._constant(("norm", module, x.shape), lambda: self._norm_counts(module, x.shape))
+
+    def _norm_counts(self, module, shape):
         kind = "layernorm" if isinstance(module, nn.LayerNorm) else "rmsnorm"
-        width = x.shape[-1]
-        self.add(self.labels[module], "norms", norm_ops(kind, width, x[:, 0].numel() // width), x.shape[1])
+        width, rows = shape[-1], shape[1]
+        ac, mac = norm_ops(kind, width, shape[0] * math.prod(shape[2:]) // width)  # one row's vectors
+        layer = self.labels[module]
+        return [(("ac", layer, "norms"), rows, ac), (("mac", layer, "norms"), rows, mac)]
 
     def block(self, module, inputs, output):
-        membrane = inputs[0]  # [T, B, n, D]; two branches add into it
-        width = membrane.shape[-1]
-        self.add(self.labels[module], "neurons", residual_ops(width, 2 * membrane[:, 0].numel() // width),
-                 membrane.shape[1])
+        shape = inputs[0].shape  # the membrane [T, B, n, D]; two branches add into it
+        self._constant(("block", module, shape), lambda: [
+            (("ac", self.labels[module], "neurons"), shape[1],
+             residual_ops(shape[-1], 2 * shape[0] * math.prod(shape[2:-1]))[0])])  # one row's T * n vectors, twice
 
-    def __call__(self, neuron, spikes):  # a SpikingNeuron fired
+    def __call__(self, neuron, spikes, row_spikes=None):  # a SpikingNeuron fired (row_spikes: counted as it fired)
         layer, rows = self.labels[neuron], spikes.shape[1]
-        count = _row_stats(spikes)[0]
-        neurons = spikes[0, 0].numel()
-        steps = spikes[:, 0].numel()
+        if row_spikes is None:
+            row_spikes = _row_stats(spikes)[0]
+        self._known[id(spikes)] = (spikes, (row_spikes, row_spikes, True, True))  # for the matrix it feeds
         leak_is_one = neuron.leak_logit is None and neuron.fixed_leak == 1.0
-        self.add(layer, "neurons", [neuron_ops(neurons, spikes.shape[0], fired, leak_is_one, neuron.reset)
-                                    for fired in count], rows)
-        self.add_traffic(layer, "neurons", rows, state=neuron_state_traffic(steps))
-        self._add(("spikes", layer, None), count, rows)
-        self._add(("neuron_steps", layer, None), steps, rows)
+        T, neurons, steps = spikes.shape[0], spikes[0, 0].numel(), spikes[:, 0].numel()
+        # neuron_ops is affine in the spikes: its part for no spike is the same for every forward of this shape
+        ac, mac = neuron_ops(neurons, T, 0, leak_is_one, neuron.reset)
+
+        def constant():
+            reads, writes = neuron_state_traffic(steps)
+            return [(("ac", layer, "neurons"), rows, ac), (("mac", layer, "neurons"), rows, mac),
+                    (("state_reads", layer, "neurons"), rows, reads),
+                    (("state_writes", layer, "neurons"), rows, writes), (("neuron_steps", layer, None), rows, steps)]
+
+        self._constant(("neuron", neuron, spikes.shape), constant)
+        per_spike = neuron_ops(neurons, T, 1, leak_is_one, neuron.reset)[0] - ac  # a soft reset's subtraction
+        if per_spike:
+            self._add(("ac", layer, "neurons"), [per_spike * fired for fired in row_spikes], rows)
+        self._add(("spikes", layer, None), row_spikes, rows)
 
     def attention(self, module, q, k, v, mask, attended):
         # per batch row, by its kind's rule (ssa_ops or sdsa_ops) and, with a gated decay, gate_ops
         T, B, n, D = q.shape
-        self.add(self.labels[module], "attention", module.count_ops(q, k, v), B)
-        state = math.prod(module.kind.state_shape(T, 1, module.num_heads, module.head_dim))  # one row's state
-        self.add_traffic(self.labels[module], "attention", B,
-                         state=attention_state_traffic(state, module.num_heads, n),
-                         spike=token_shift_traffic(T, D, n) if module.token_shift else (0, 0))
+        ac, mac = module.count_ops(q, k, v)
+        self._add(("ac", self.labels[module], "attention"), ac, B)
+
+        def constant():
+            layer = self.labels[module]
+            state = math.prod(module.kind.state_shape(T, 1, module.num_heads, module.head_dim))  # one row's
+            reads, writes = attention_state_traffic(state, module.num_heads, n)
+            spike_reads, spike_writes = token_shift_traffic(T, D, n) if module.token_shift else (0, 0)
+            return [(("mac", layer, "attention"), B, mac), (("state_reads", layer, "attention"), B, reads),
+                    (("state_writes", layer, "attention"), B, writes),
+                    (("spike_reads", layer, "attention"), B, spike_reads),
+                    (("spike_writes", layer, "attention"), B, spike_writes)]
+
+        self._constant(("attention", module, q.shape), constant)
 
     def head_average(self, module, logits):  # logits [B, n, V]
         rows, kept, vocab = logits.shape
-        self.add("head", "weights", head_average_ops(vocab, kept), rows)
-        # a head fed each token's spike counts sums nothing over the steps; one fed each step keeps a running sum
-        steps = 1 if getattr(module.lm_head, "fed_spike_counts", False) else module.config.time_steps
-        self.add_traffic("head", "weights", rows, state=head_average_traffic(steps, vocab, kept))
+
+        def constant():
+            ops = head_average_ops(vocab, kept)
+            # a head fed each token's spike counts sums nothing over the steps; one fed each step keeps a running
+            # sum
+            steps = 1 if getattr(module.lm_head, "fed_spike_counts", False) else module.config.time_steps
+            reads, writes = head_average_traffic(steps, vocab, kept)
+            return [(("ac", "head", "weights"), rows, ops[0]), (("mac", "head", "weights"), rows, ops[1]),
+                    (("state_reads", "head", "weights"), rows, reads),
+                    (("state_writes", "head", "weights"), rows, writes)]
+
+        self._constant(("head_average", module, logits.shape), constant)
         self._add(("logits", None, None), self._mask[:, -kept:].sum(1), rows)
 
     def model(self, module, args, kwargs, output):
         # tokens are the real positions: padded ones are computed, and their cost is charged to the real ones
+        self._known.clear()  # the stack is done: no matrix will be fed these spikes
         spikes = output.spikes
         rows, n = spikes.shape[1], spikes.shape[2]
         mask = kwargs.get("attention_mask")
@@ -715,12 +794,12 @@ class CounterSwitch:
     walking the model and registering them for every step. With no target, counts go nowhere."""
 
     def __init__(self):
-        self.labels, self.config, self.target = {}, None, None
+        self.labels, self.config, self.target, self.memo = {}, None, None, {}
 
     def use(self, counter: "EnergyCounter | None"):
         """Send the counts of the next forwards to `counter` (None: nowhere); returns it."""
         if counter is not None:
-            counter.labels, counter.config = self.labels, self.config
+            counter.labels, counter.config, counter.memo = self.labels, self.config, self.memo
         self.target = counter
         return counter
 

@@ -11,7 +11,8 @@ SPIKELM_C_KERNELS=0, `available()` is False and the callers take their PyTorch p
 Both compute exactly what those PyTorch paths compute, operation for operation (tests/test_kernels.py):
 - `lif`: charge h = x + v * leak, fire s = (h >= theta), reset v = h - theta * s (soft) or h * (1 - s) (hard),
   the arithmetic of `neurons.lif_step`; floating-point contraction is off (-ffp-contract=off), so no fused
-  multiply-add rounds differently from PyTorch's separate multiply and add.
+  multiply-add rounds differently from PyTorch's separate multiply and add. Counting energy, it also counts
+  each batch row's spikes as they fire (no second pass for the counter).
 - `spike_matmul`: out[r] = sum over inputs i, in increasing order, of x[r, i] * W_t[i] (W_t = W.T, [in, out]),
   for spikes (x in {0, 1}) or spike counts: the gather-sum of `event_driven` (each output row sums its own
   inputs' rows in a fixed order, so a row's numbers do not depend on the other rows: batch-invariant). The loop
@@ -28,6 +29,8 @@ Both compute exactly what those PyTorch paths compute, operation for operation (
   row's output gradient into the rows of the (transposed) gradient whose input fired. Rows (forward) or inputs
   (gradient) are split over threads; each output is summed by one thread, so the numbers do not depend on how
   many. `count_nonzero` says whether an input is sparse enough to take them.
+- `ssa_counts`: what spike attention's counting rule needs, per batch row: the (k, v) spike pairs that meet in a
+  head, step and position, and q's spikes.
 - `row_stats`: what the energy counter asks of each matrix's input and each population's spikes, in one pass:
   per batch row, the non-zeros and their sum, and whether every value is 0 or 1 (spikes) or a whole number
   (spike counts).
@@ -51,16 +54,20 @@ SOURCE = r"""
 
 #define LIF(NAME, REAL)                                                                                      \
 void NAME(const REAL *current, REAL *spikes, int64_t steps, int64_t n, double leak_, double threshold_,   \
-          int soft, double initial_) {                                                                       \
+          int soft, double initial_, int64_t *row_spikes, int64_t rows) {                                    \
     const REAL leak = (REAL)leak_, threshold = (REAL)threshold_, initial = (REAL)initial_;                  \
+    const int64_t inner = rows > 0 ? n / rows : n;                                                           \
     for (int64_t j = 0; j < n; j++) {                                                                        \
         REAL membrane = initial;                                                                             \
+        int64_t fired_here = 0;                                                                              \
         for (int64_t t = 0; t < steps; t++) {                                                                \
             REAL charged = current[t * n + j] + membrane * leak;                                             \
             int fired = charged >= threshold;                                                                \
             spikes[t * n + j] = fired ? (REAL)1 : (REAL)0;                                                   \
             membrane = fired ? (soft ? charged - threshold : (REAL)0) : charged;                             \
+            fired_here += fired;                                                                             \
         }                                                                                                    \
+        if (row_spikes) row_spikes[j / inner] += fired_here;                                                 \
     }                                                                                                        \
 }
 
@@ -120,6 +127,25 @@ void NAME(const REAL *x, int64_t rows, int64_t in, const REAL *g, int64_t out, R
             else for (int64_t k = 0; k < out; k++) d[k] += c * gr[k];                                        \
         }                                                                                                    \
     }                                                                                                        \
+}
+
+/* What spike attention's counting rule needs of one forward, per batch row: the (k, v) spike pairs that meet in
+   a head at a step and position, sum over t, n, h of (k spikes) * (v spikes), and q's spikes. [T, B, n, H * d]. */
+#define SSA_COUNTS(NAME, REAL)                                                                               \
+void NAME(const REAL *q, const REAL *k, const REAL *v, int64_t steps, int64_t batch, int64_t tokens,         \
+          int64_t heads, int64_t d, int64_t *pairs, int64_t *q_spikes) {                                     \
+    for (int64_t b = 0; b < batch; b++) { pairs[b] = 0; q_spikes[b] = 0; }                                   \
+    for (int64_t t = 0; t < steps; t++)                                                                      \
+        for (int64_t b = 0; b < batch; b++)                                                                  \
+            for (int64_t i = 0; i < tokens * heads; i++) {                                                   \
+                const int64_t at = ((t * batch + b) * tokens * heads + i) * d;                              \
+                int64_t kc = 0, vc = 0, qc = 0;                                                              \
+                for (int64_t j = 0; j < d; j++) {                                                            \
+                    kc += k[at + j] != 0; vc += v[at + j] != 0; qc += q[at + j] != 0;                        \
+                }                                                                                            \
+                pairs[b] += kc * vc;                                                                         \
+                q_spikes[b] += qc;                                                                           \
+            }                                                                                                \
 }
 
 #define COUNT_NONZERO(NAME, REAL)                                                                            \
@@ -184,6 +210,8 @@ SPIKE_MATMUL_ROWS(spikelm_spike_matmul_rows_f32, float)
 SPIKE_MATMUL_ROWS(spikelm_spike_matmul_rows_f64, double)
 SPIKE_GRAD_WEIGHT(spikelm_spike_grad_weight_f32, float)
 SPIKE_GRAD_WEIGHT(spikelm_spike_grad_weight_f64, double)
+SSA_COUNTS(spikelm_ssa_counts_f32, float)
+SSA_COUNTS(spikelm_ssa_counts_f64, double)
 COUNT_NONZERO(spikelm_count_nonzero_f32, float)
 COUNT_NONZERO(spikelm_count_nonzero_f64, double)
 SSA_STEP(spikelm_ssa_step_f32, float)
@@ -196,7 +224,7 @@ ROW_STATS(spikelm_row_stats_f64, double)
 # -ffp-contract=off keeps every multiply and add rounded on its own, as in PyTorch's kernels.
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=c99"]
 _LIF_ARGS = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_double, ctypes.c_double,
-             ctypes.c_int, ctypes.c_double]
+             ctypes.c_int, ctypes.c_double, ctypes.c_void_p, ctypes.c_int64]
 _MATMUL_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                 ctypes.c_int64]
 _ROWS_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
@@ -276,6 +304,8 @@ def _load():
             getattr(library, name).argtypes = _ROWS_ARGS
         for name in ("spikelm_spike_grad_weight_f32", "spikelm_spike_grad_weight_f64"):
             getattr(library, name).argtypes = _GRAD_ARGS
+        for name in ("spikelm_ssa_counts_f32", "spikelm_ssa_counts_f64"):
+            getattr(library, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_void_p] * 2
         for name in ("spikelm_count_nonzero_f32", "spikelm_count_nonzero_f64"):
             getattr(library, name).argtypes = [ctypes.c_void_p, ctypes.c_int64]
             getattr(library, name).restype = ctypes.c_int64
@@ -311,15 +341,20 @@ def supports(x: torch.Tensor) -> bool:
         not torch.compiler.is_compiling()
 
 
-def lif(current: torch.Tensor, leak: float, threshold: float, soft: bool, initial_membrane: float) -> torch.Tensor:
-    """current [T, ...] -> spikes [T, ...] (0 or 1): `neurons.lif_inference`'s numbers. `supports(current)`."""
+def lif(current: torch.Tensor, leak: float, threshold: float, soft: bool, initial_membrane: float,
+        count_rows: bool = False):
+    """current [T, ...] -> spikes [T, ...] (0 or 1): `neurons.lif_inference`'s numbers. `supports(current)`.
+    count_rows: also return the spikes of each batch row (dim 1), a list of Python ints (for the energy counter,
+    counted as they fire: no second pass)."""
     current = current.contiguous()
     spikes = torch.empty_like(current)
     steps = current.shape[0]
+    rows = current.shape[1] if count_rows else 0
+    row_spikes = (ctypes.c_int64 * rows)() if count_rows else None
     _function("lif", current.dtype)(current.data_ptr(), spikes.data_ptr(), steps,
                                     current.numel() // steps if steps else 0, leak, threshold, soft,
-                                    initial_membrane)
-    return spikes
+                                    initial_membrane, row_spikes, rows)
+    return (spikes, list(row_spikes)) if count_rows else spikes
 
 
 def spike_matmul(x: torch.Tensor, weight_t: torch.Tensor, max_nonzero: int | None = None):
@@ -409,6 +444,17 @@ def ssa_step(state, q, k, v, decay, decay_sum, mask, scale: float, min_sum: floa
                                    decay_sum.data_ptr(), mask.data_ptr(), new_decay_sum.data_ptr(), scale, min_sum,
                                    out.data_ptr(), T, B, H, d)
     return out, new_decay_sum
+
+
+def ssa_counts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int):
+    """q, k, v [T, B, n, H * d] spikes -> per batch row (the (k, v) spike pairs within a head, step and position;
+    q's spikes), as lists of Python ints: what `energy.ssa_ops` counts."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    T, B, n, D = q.shape
+    pairs, q_spikes = (ctypes.c_int64 * B)(), (ctypes.c_int64 * B)()
+    _function("ssa_counts", q.dtype)(q.data_ptr(), k.data_ptr(), v.data_ptr(), T, B, n, heads, D // heads, pairs,
+                                     q_spikes)
+    return list(pairs), list(q_spikes)
 
 
 def row_stats(x: torch.Tensor):

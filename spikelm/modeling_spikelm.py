@@ -35,6 +35,7 @@ from transformers.modeling_utils import PreTrainedModel
 
 from .configuration_spikelm import SpikeLMConfig
 from .event_driven import SpikeLinear
+from .kernels import ssa_counts as ssa_counts_kernel
 from .kernels import ssa_step as ssa_step_kernel
 from .kernels import supports as kernel_supports
 from .neurons import QCFSActivation, SpikingNeuron, leak_logit
@@ -187,24 +188,29 @@ def _inverse(z):
 
 
 def _ssa_ops(q, k, v, heads, head_dim):
-    """Per batch row (ACs [B], MACs [B]) of ssa's recurrent form over spikes q, k, v [T, B, n, D]."""
+    """Per batch row of ssa's recurrent form over spikes q, k, v [T, B, n, D]: (ACs, a list of B ints; MACs, an
+    int, the same for every row)."""
     from .energy import ssa_ops  # the rule lives with the other energy rules (energy imports this module)
 
     T, B, n, D = q.shape
-    k_count = k.reshape(T, B, n, heads, head_dim).sum(-1).long()
-    v_count = v.reshape(T, B, n, heads, head_dim).sum(-1).long()
-    pairs = (k_count * v_count).sum(dim=(0, 2, 3))  # one AC per (k, v) spike pair: [B]
-    ac, mac = ssa_ops(T, heads, head_dim, n, pairs, q.reshape(T, B, -1).count_nonzero(-1).sum(0))
-    return ac, torch.full_like(ac, mac)
+    if kernel_supports(q):  # one C pass (a decode step counts three layers' attention every token)
+        pairs, q_spikes = ssa_counts_kernel(q, k, v, heads)
+    else:
+        k_count = k.reshape(T, B, n, heads, head_dim).sum(-1).long()
+        v_count = v.reshape(T, B, n, heads, head_dim).sum(-1).long()
+        pairs = (k_count * v_count).sum(dim=(0, 2, 3)).tolist()  # one AC per (k, v) spike pair
+        q_spikes = q.reshape(T, B, -1).count_nonzero(-1).sum(0).tolist()
+    mac = ssa_ops(T, heads, head_dim, n, 0, 0)[1]
+    return [ssa_ops(T, heads, head_dim, n, p, s)[0] for p, s in zip(pairs, q_spikes)], mac
 
 
 def _sdsa_ops(q, k, v, heads, head_dim):
-    """Per batch row (ACs [B], MACs [B]) of sdsa's recurrent form."""
+    """Per batch row of sdsa's recurrent form: (ACs, a list of B ints; MACs, an int)."""
     from .energy import sdsa_ops
 
     T, B, n, D = q.shape
-    ac, mac = sdsa_ops(T, heads, D, n, (k * v).reshape(T, B, -1).count_nonzero(-1).sum(0))
-    return ac, torch.full_like(ac, mac)
+    coincidences = (k * v).reshape(T, B, -1).count_nonzero(-1).sum(0).tolist()
+    return [sdsa_ops(T, heads, D, n, c)[0] for c in coincidences], sdsa_ops(T, heads, D, n, 0)[1]
 
 
 def _sdsa_parallel_kind(q, k, v, log_decay, scale, mask, state, keep_state=True):
@@ -223,7 +229,7 @@ class AttentionKind:
     parallel: Callable  # (q, k, v [T, B, H, n, d], log_decay, scale, mask, state) -> (out, state)
     recurrent: Callable  # (q, k, v [T, B, H, d], decay, scale, mask, state) -> (out, state)
     state_shape: Callable  # (T, B, H, d) -> the attention state's shape (fixed: no token count in it)
-    count_ops: Callable  # (q, k, v [T, B, n, D], heads, head_dim) -> per-row (ACs [B], MACs [B])
+    count_ops: Callable  # (q, k, v [T, B, n, D], heads, head_dim) -> (ACs per row [B ints], MACs of each row)
     default_scale: Callable  # head_dim -> read-out scale
     # sdsa: q masks the thresholded running mean (it does not enter the read-out), so on conversion q's clip
     # goes to the output matrix rather than into the scale
@@ -445,13 +451,14 @@ class SpikeLMAttention(nn.Module):
         return log_decay[None, :, None].expand(1, self.num_heads, n)
 
     def count_ops(self, q, k, v):
-        """Per batch row (ACs [B], MACs [B]) of this attention's recurrent form, gate included."""
+        """This attention's recurrent form, gate included: (ACs of each batch row, a list; MACs, an int, the same
+        for every row)."""
         ac, mac = self.kind.count_ops(q, k, v, self.num_heads, self.head_dim)
         if self.gate_proj is not None:  # W_g's own ACs are counted as any weight matrix's
             from .energy import gate_ops
 
             gate_ac, gate_mac = gate_ops(q.shape[0], self.num_heads, q.shape[2])
-            ac, mac = ac + gate_ac, mac + gate_mac
+            ac, mac = [row + gate_ac for row in ac], mac + gate_mac
         return ac, mac
 
     def _heads(self, x):  # [T, B, n, D] -> [T, B, H, n, d]
@@ -476,8 +483,8 @@ class SpikeLMAttention(nn.Module):
         else:
             shifted, kv_in = None, spikes
         kv = self.kv_proj(kv_in)
-        if self.kv_one_population and self.k_neuron.counter is None and self.v_neuron.counter is None:
-            k, v = self.k_neuron(kv).chunk(2, dim=-1)  # the same neurons: one call fires both (unless counted)
+        if self.kv_one_population:  # the same neurons: one call fires both (and counts both: the same layer)
+            k, v = self.k_neuron(kv).chunk(2, dim=-1)
         else:
             k, v = kv.chunk(2, dim=-1)
             k, v = self.k_neuron(k), self.v_neuron(v)

@@ -226,14 +226,17 @@ def lif_multistep(current, leak, threshold, reset="soft", surrogate="arctan", al
     return eager()
 
 
-def lif_inference(current, leak, threshold, reset="soft", initial_membrane=0.0):
+def lif_inference(current, leak, threshold, reset="soft", initial_membrane=0.0, count_rows=False):
     """Multi-step LIF without autograd: the same spikes as lif_multistep (tests/test_neurons.py). On the CPU,
     the C kernel (spikelm.kernels: the T steps in one call of a few microseconds); compiled: the T steps in one
     generated kernel (large populations); eager: one membrane buffer updated in place. leak: a number or a
-    0-dim tensor."""
+    0-dim tensor. count_rows: return (spikes, spikes of each batch row as a list, or None where only the C
+    kernel could count them as they fire)."""
     if not _use_compiled(current) and kernel_supports(current):
         return lif_kernel(current, leak if isinstance(leak, float) else float(leak), threshold, reset == "soft",
-                           initial_membrane)
+                          initial_membrane, count_rows)
+    if count_rows:
+        return lif_inference(current, leak, threshold, reset, initial_membrane), None
     leak = _as_leak(leak, current)
 
     def eager():  # few dispatches: a decode step runs ~30 populations of T steps, each op a few microseconds
@@ -402,6 +405,11 @@ class SpikingNeuron(nn.Module):
         if torch.is_grad_enabled() and (current.requires_grad or leak.requires_grad):
             spikes = lif_multistep(current, leak, self.threshold, self.reset, self.surrogate, self.alpha,
                                    self.detach_reset, self.initial_membrane)
+        elif self.counter is not None:  # inference, counted: the C kernel counts each row's spikes as they fire
+            spikes, row_spikes = lif_inference(current, leak, self.threshold, self.reset, self.initial_membrane,
+                                               count_rows=True)
+            self.counter(self, spikes, row_spikes)
+            return spikes
         else:  # inference (generation, evaluation): nothing to keep for a backward pass
             spikes = lif_inference(current, leak, self.threshold, self.reset, self.initial_membrane)
         if self.counter is not None:

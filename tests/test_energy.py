@@ -332,6 +332,57 @@ def test_a_counter_switch_counts_each_forward_into_its_own_counter():
     assert all(module.counter is None for module in model.modules() if hasattr(module, "counter"))
 
 
+@pytest.mark.parametrize("kernels_on", [True, False])
+def test_counts_worked_out_once_per_shape_equal_fresh_counts(kernels_on, monkeypatch):
+    # A counter notes the counts that depend on shapes only and works them out once per (module, shape), and once
+    # per list of them (a decode step's): a switch's counters share that memo. Whatever order the shapes come in,
+    # each forward's counts equal those of a fresh counter; with or without the C kernels (which count each row's
+    # spikes as the neurons fire them, and attention's spike pairs).
+    from spikelm import kernels
+
+    if not kernels_on:
+        monkeypatch.setattr(kernels, "_library", False)
+    model = SpikeLMForCausalLM(tiny_config("ssa", gated_decay=True)).eval()
+    forwards = [torch.randint(3, 48, shape) for shape in ((1, 7), (2, 3), (1, 7), (1, 1), (2, 3), (1, 7))]
+    fresh = []
+    for ids in forwards:
+        with count_inference(model) as counter:
+            model(ids)
+        fresh.append([counts for counts, _ in counter.per_row()])
+    switch = CounterSwitch()
+    with torch.no_grad(), count_energy(model, switch):
+        for ids, expected in zip(forwards, fresh):
+            counter = switch.use(EnergyCounter())
+            model(ids)
+            assert [counts for counts, _ in counter.per_row()] == expected
+    assert any(isinstance(key[0], int) for key in switch.memo)  # a forward's whole list, summed once
+    with count_inference(model) as counter:  # the forwards in one counter: the sum of the fresh counts
+        for ids in forwards:
+            model(ids)
+    total = EnergyCounts()
+    for rows in fresh:
+        for counts in rows:
+            total += counts
+    assert counter.total() == total
+
+
+def test_counts_are_the_same_with_and_without_the_c_kernels(monkeypatch):
+    from spikelm import kernels
+
+    model = SpikeLMForCausalLM(tiny_config("ssa", gated_decay=True)).eval()
+    ids = torch.randint(3, 48, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    counted = []
+    for library in (kernels._load(), False):
+        monkeypatch.setattr(kernels, "_library", library)
+        with count_inference(model) as counter:
+            out = model(ids, attention_mask=mask, use_cache=True)
+            model(ids[:, -1:], attention_mask=torch.ones(2, 10, dtype=torch.long), cache=out.cache)
+        counted.append(counter.per_row())
+    assert counted[0] == counted[1] and counted[0][0][0].ac > 0
+
+
 def test_per_row_equals_row_by_row():
     # the serving engine reads every row of a batched step at once
     model = SpikeLMForCausalLM(tiny_config("ssa", gated_decay=True)).eval()
