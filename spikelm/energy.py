@@ -441,24 +441,23 @@ class EnergyCounter:
         self._known = {}  # id(spikes) -> (spikes, row stats): a population's spikes, counted as it fired
         self.labels = {}  # module -> layer label
         self.config = None
-        self._position = torch.as_tensor(positions if positions is not None else [], dtype=torch.int64)
-        self._mask = None  # [B, n] real positions of the last forward
+        self._position = [int(p) for p in positions] if positions is not None else []  # per row
+        self._mask = None  # [B, n] real positions of the last forward (None: every position is real)
 
     def reset(self):
         self._lists.clear()
         self._uniform.clear()
         self._pending.clear()
         self._known.clear()
-        self._position = torch.zeros(0, dtype=torch.int64)
+        self._position = []
 
     def _constant(self, token, compute):
         """Note the counts of `token` (hashable: a handler, a module, a shape), which depend on nothing else:
         `compute()` -> [((quantity, layer, kind), rows, value)], worked out the first time only."""
         entries = self.memo.get(token)
         if entries is None:
-            if len(self.memo) > MEMO_LIMIT:  # a server sees many prompt lengths: keep the memo bounded
-                self.memo.clear()
-            entries = self.memo[token] = tuple(entry for entry in compute() if entry[2])
+            entries = tuple(entry for entry in compute() if entry[2])
+            self._remember(token, entries)
         self._pending.append(entries)
 
     def _flush(self):
@@ -472,7 +471,8 @@ class EnergyCounter:
             for entries in self._pending:
                 for key, rows, value in entries:
                     totals[(key, rows)] = totals.get((key, rows), 0) + value
-            summed = self.memo[signature] = (list(self._pending), tuple(totals.items()))
+            summed = (list(self._pending), tuple(totals.items()))
+            self._remember(signature, summed)
         for key, value in summed[1]:
             self._uniform[key] = self._uniform.get(key, 0) + value
         self._pending.clear()
@@ -546,6 +546,17 @@ class EnergyCounter:
         x = inputs[0]
         rows, layer, out = x.shape[1], self.labels[module], module.out_features
         nonzero, sums, binary, whole = self._stats(x)
+        if binary and rows == 1 and module.bias is None:  # a lone decode step: plain numbers
+            spikes = nonzero[0]
+            if spikes:
+                uniform = self._uniform
+                plan = self.memo.get(("linear", module))
+                if plan is None:
+                    plan = ((("ac", layer, "weights"), 1), (("weight_reads", layer, "weights"), 1))
+                    self._remember(("linear", module), plan)
+                uniform[plan[0]] = uniform.get(plan[0], 0) + weight_ops_on_spikes(out, spikes)[0]
+                uniform[plan[1]] = uniform.get(plan[1], 0) + weight_reads_on_spikes(out, spikes)
+            return
         if binary:
             ops = [weight_ops_on_spikes(out, spikes) for spikes in nonzero]
             reads = [weight_reads_on_spikes(out, spikes) for spikes in nonzero]
@@ -555,14 +566,15 @@ class EnergyCounter:
             ops = [weight_ops_on_spikes(out, int(spikes)) for spikes in sums]
             reads = [weight_reads_on_spikes(out, columns) for columns in nonzero]
         else:
-            vectors = x[:, 0].numel() // module.in_features
+            vectors = x.shape[0] * math.prod(x.shape[2:]) // module.in_features  # one row's
             ops = weight_ops_on_reals(out, module.in_features, vectors)
             reads = weight_reads_dense(out, module.in_features, vectors)
         self.add(layer, "weights", ops, rows)
         self.add_traffic(layer, "weights", rows, weight_reads=reads)
         if module.bias is not None:  # one addition per output (none of spikelm's matrices have a bias)
-            self.add(layer, "weights", (output[:, 0].numel(), 0), rows)
-            self.add_traffic(layer, "weights", rows, weight_reads=output[:, 0].numel())
+            outputs = output.shape[0] * math.prod(output.shape[2:])  # one row's
+            self.add(layer, "weights", (outputs, 0), rows)
+            self.add_traffic(layer, "weights", rows, weight_reads=outputs)
 
     def norm(self, module, inputs, output):
         x = inputs[0]
@@ -582,26 +594,51 @@ class EnergyCounter:
              residual_ops(shape[-1], 2 * shape[0] * math.prod(shape[2:-1]))[0])])  # one row's T * n vectors, twice
 
     def __call__(self, neuron, spikes, row_spikes=None):  # a SpikingNeuron fired (row_spikes: counted as it fired)
-        layer, rows = self.labels[neuron], spikes.shape[1]
+        shape = spikes.shape
+        plan = self.memo.get(("neuron", neuron, shape))
+        if plan is None:
+            plan = self._neuron_plan(neuron, shape)
+        constant, per_spike, ac_key, spikes_key = plan
+        self._pending.append(constant)
         if row_spikes is None:
             row_spikes = _row_stats(spikes)[0]
         self._known[id(spikes)] = (spikes, (row_spikes, row_spikes, True, True))  # for the matrix it feeds
-        leak_is_one = neuron.leak_logit is None and neuron.fixed_leak == 1.0
-        T, neurons, steps = spikes.shape[0], spikes[0, 0].numel(), spikes[:, 0].numel()
-        # neuron_ops is affine in the spikes: its part for no spike is the same for every forward of this shape
-        ac, mac = neuron_ops(neurons, T, 0, leak_is_one, neuron.reset)
-
-        def constant():
-            reads, writes = neuron_state_traffic(steps)
-            return [(("ac", layer, "neurons"), rows, ac), (("mac", layer, "neurons"), rows, mac),
-                    (("state_reads", layer, "neurons"), rows, reads),
-                    (("state_writes", layer, "neurons"), rows, writes), (("neuron_steps", layer, None), rows, steps)]
-
-        self._constant(("neuron", neuron, spikes.shape), constant)
-        per_spike = neuron_ops(neurons, T, 1, leak_is_one, neuron.reset)[0] - ac  # a soft reset's subtraction
+        if shape[1] == 1:  # a lone decode step: plain numbers
+            fired = row_spikes[0]
+            if fired:
+                uniform = self._uniform
+                if per_spike:
+                    uniform[ac_key] = uniform.get(ac_key, 0) + per_spike * fired
+                uniform[spikes_key] = uniform.get(spikes_key, 0) + fired
+            return
+        layer, rows = self.labels[neuron], shape[1]
         if per_spike:
             self._add(("ac", layer, "neurons"), [per_spike * fired for fired in row_spikes], rows)
         self._add(("spikes", layer, None), row_spikes, rows)
+
+    def _neuron_plan(self, neuron, shape):
+        """A population's counts for input `shape` [T, B, ...]: those for no spike (the same every forward of
+        this shape: neuron_ops is affine in the spikes), the ACs each spike adds (a soft reset's subtraction),
+        and the keys its per-spike counts go to in a one-row forward."""
+        layer, rows, T = self.labels[neuron], shape[1], shape[0]
+        neurons = math.prod(shape[2:])  # per row and step
+        steps = T * neurons
+        leak_is_one = neuron.leak_logit is None and neuron.fixed_leak == 1.0
+        ac, mac = neuron_ops(neurons, T, 0, leak_is_one, neuron.reset)
+        reads, writes = neuron_state_traffic(steps)
+        constant = tuple(entry for entry in [
+            (("ac", layer, "neurons"), rows, ac), (("mac", layer, "neurons"), rows, mac),
+            (("state_reads", layer, "neurons"), rows, reads), (("state_writes", layer, "neurons"), rows, writes),
+            (("neuron_steps", layer, None), rows, steps)] if entry[2])
+        per_spike = neuron_ops(neurons, T, 1, leak_is_one, neuron.reset)[0] - ac
+        plan = (constant, per_spike, (("ac", layer, "neurons"), 1), (("spikes", layer, None), 1))
+        self._remember(("neuron", neuron, shape), plan)
+        return plan
+
+    def _remember(self, token, value):
+        if len(self.memo) > MEMO_LIMIT:  # a server sees many prompt lengths: keep the memo bounded
+            self.memo.clear()
+        self.memo[token] = value
 
     def attention(self, module, q, k, v, mask, attended):
         # per batch row, by its kind's rule (ssa_ops or sdsa_ops) and, with a gated decay, gate_ops
@@ -635,7 +672,8 @@ class EnergyCounter:
                     (("state_writes", "head", "weights"), rows, writes)]
 
         self._constant(("head_average", module, logits.shape), constant)
-        self._add(("logits", None, None), self._mask[:, -kept:].sum(1), rows)
+        self._add(("logits", None, None), [kept] * rows if self._mask is None else self._mask[:, -kept:].sum(1),
+                  rows)
 
     def model(self, module, args, kwargs, output):
         # tokens are the real positions: padded ones are computed, and their cost is charged to the real ones
@@ -643,17 +681,18 @@ class EnergyCounter:
         spikes = output.spikes
         rows, n = spikes.shape[1], spikes.shape[2]
         mask = kwargs.get("attention_mask")
-        self._mask = torch.ones(rows, n, dtype=torch.int64) if mask is None else (mask[:, -n:] != 0).long().cpu()
-        real = self._mask.sum(1)
+        self._mask = None if mask is None else (mask[:, -n:] != 0).long().cpu()
+        real = [n] * rows if mask is None else self._mask.sum(1).tolist()
         if output.cache is None or output.cache.seen_tokens == n:  # a forward that starts its sequences
-            self._position = torch.zeros(rows, dtype=torch.int64)
+            self._position = [0] * rows
         elif len(self._position) < rows:
-            self._position = torch.cat([self._position, torch.zeros(rows - len(self._position), dtype=torch.int64)])
-        start = self._position[:rows]
+            self._position += [0] * (rows - len(self._position))
+        start = self._position
         # sum of 1-based positions of this forward's real tokens: start+1 .. start+real
-        self._add(("context", None, None), real * start + real * (real + 1) // 2, rows)
+        self._add(("context", None, None), [r * s + r * (r + 1) // 2 for r, s in zip(real, start)], rows)
         self._add(("tokens", None, None), real, rows)
-        self._position[:rows] += real
+        for i in range(rows):
+            start[i] += real[i]
 
     # --- sums over rows
     def _sum(self, quantity):
@@ -687,16 +726,23 @@ class EnergyCounter:
 
     def _rows(self) -> list[tuple[EnergyCounts, dict[str, float]]]:
         """(counts, firing rate per layer) of every batch row, in one pass over the keys."""
-        merged = self._merged()
-        rows = max((len(values) for values in merged.values()), default=0)
+        self._flush()
+        rows = max([len(values) for values in self._lists.values()] + [n for _, n in self._uniform], default=0)
         totals = [dict.fromkeys(COUNTED, 0) for _ in range(rows)]
         spikes, steps = [{} for _ in range(rows)], [{} for _ in range(rows)]
-        for (quantity, layer, _), values in merged.items():
+        for (quantity, layer, _), n in self._uniform:  # a count the same in the first n rows
+            value = self._uniform[((quantity, layer, _), n)]
+            per_layer = spikes if quantity == "spikes" else steps if quantity == "neuron_steps" else None
+            for i in range(n):
+                totals[i][quantity] += value
+                if per_layer is not None:
+                    per_layer[i][layer] = per_layer[i].get(layer, 0) + value
+        for (quantity, layer, _), values in self._lists.items():
             per_layer = spikes if quantity == "spikes" else steps if quantity == "neuron_steps" else None
             for i, value in enumerate(values):
                 totals[i][quantity] += value
                 if per_layer is not None:
-                    per_layer[i][layer] = value
+                    per_layer[i][layer] = per_layer[i].get(layer, 0) + value
         return [(EnergyCounts(**totals[i]),
                  {layer: spikes[i].get(layer, 0) / steps[i][layer] for layer in sorted(steps[i], key=_layer_order)
                   if steps[i][layer]})
