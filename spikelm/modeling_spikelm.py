@@ -18,6 +18,7 @@ fixed-size state (SpikeLMCache), so a token costs the same at position 10 as at
 position 10,000.
 """
 
+import copy
 import inspect
 import math
 import weakref
@@ -288,6 +289,17 @@ class SpikeLMStateLayer:
             for name, dim in self.BATCH_DIMS.items():
                 setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)], dim=dim))
 
+    def __deepcopy__(self, memo):
+        """A copy with its own tensors (the prefix cache keeps one per snapshot): tensors cloned directly, not
+        through deepcopy's generic walk, which costs a prompt's worth of time per copy."""
+        copied = SpikeLMStateLayer()
+        copied.has_previous_state = dict(self.has_previous_state)
+        for name in self.BATCH_DIMS:
+            value = getattr(self, name)
+            setattr(copied, name, None if value is None else value.clone())
+        memo[id(self)] = copied
+        return copied
+
     def reorder_cache(self, beam_idx):
         self._map_batch(lambda t, dim: t.index_select(dim, beam_idx.to(t.device)))
 
@@ -333,6 +345,12 @@ class SpikeLMCache(Cache):
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("A recurrent spiking state cannot be cropped: it does not keep past tokens.")
+
+    def __deepcopy__(self, memo):
+        copied = copy.copy(self)  # the plain fields; each layer's tensors cloned below
+        copied.layers = [copy.deepcopy(layer, memo) for layer in self.layers]
+        memo[id(self)] = copied
+        return copied
 
     def append_rows(self, other: "SpikeLMCache") -> "SpikeLMCache":
         """Append the batch rows of `other` (a cache of the same model) after this one's, in place; returns self.

@@ -485,3 +485,22 @@ def test_head_on_spike_counts_gives_the_logits_and_acs_of_T_heads(kind):
     assert torch.equal(logits, torch.stack(per_step).mean(0))
     head = ("head", "weights")
     assert counts_form.ac[head] == steps_form.ac[head] == 48 * int(spikes.sum())
+
+
+def test_a_deep_copy_of_the_cache_owns_its_tensors_and_continues_alike():
+    import copy
+
+    model = tiny_model("ssa", torch.float64)
+    ids = torch.randint(0, 48, (2, 9))
+    with torch.no_grad():
+        cache = model(ids[:, :8], use_cache=True).cache
+        copied = copy.deepcopy(cache)
+        assert copied.seen_tokens == cache.seen_tokens and len(copied.layers) == len(cache.layers)
+        for layer, twin in zip(cache.layers, copied.layers):
+            for tensor, other in zip(layer.tensors(), twin.tensors()):
+                assert torch.equal(tensor, other) and tensor.data_ptr() != other.data_ptr()
+        # both continue with the same logits; the original's update leaves the copy as it was
+        before = [t.clone() for t in copied.layers[0].tensors()]
+        first = model(ids[:, 8:], cache=cache).logits
+        assert all(torch.equal(a, b) for a, b in zip(before, copied.layers[0].tensors()))
+        assert torch.equal(model(ids[:, 8:], cache=copied).logits, first)
