@@ -355,18 +355,18 @@ def machine_info():
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
 
 
-def _rate_ratio(row, other):
-    """Decode tokens/s of `row` over `other`: the median of the same rounds' ratios where both were timed in
+def _rate_ratio(row, other, key="decode_tokens_per_s"):
+    """`key` (a rate) of `row` over `other`: the median of the same rounds' ratios where both were timed in
     rounds, else the ratio of their medians."""
-    rounds = list(zip(row.get("decode_tokens_per_s_rounds", []), other.get("decode_tokens_per_s_rounds", [])))
+    rounds = list(zip(row.get(f"{key}_rounds", []), other.get(f"{key}_rounds", [])))
     if rounds:
         return statistics.median(mine / theirs for mine, theirs in rounds)
-    return row["decode_tokens_per_s"] / other["decode_tokens_per_s"]
+    return row[key] / other[key]
 
 
 def ratios(report):
     """The headline comparisons, from the rows."""
-    training = {r["name"]: r["tokens_per_s"] for r in report["training"]}
+    training = {r["name"]: r for r in report["training"]}
     inference = {(r["name"], r["context"]): r for r in report["inference"]}
     contexts = report["settings"]["contexts"]
     low, high = min(contexts), max(contexts)
@@ -380,7 +380,8 @@ def ratios(report):
         if name == "gpt2":
             continue
         if name in training:
-            out[f"training_tokens_per_s_{tag}_over_gpt2"] = training[name] / training["gpt2"]
+            out[f"training_tokens_per_s_{tag}_over_gpt2"] = _rate_ratio(training[name], training["gpt2"],
+                                                                        "tokens_per_s")
         for context in contexts:
             out[f"decode_tokens_per_s_{tag}_over_gpt2_ctx{context}"] = _rate_ratio(inference[(name, context)],
                                                                                    inference[("gpt2", context)])
@@ -441,10 +442,19 @@ def run_benchmark(settings, log=print):
     report["event_driven"] = event_driven_speed(settings, log)
     report["energy"] = {"context": settings["energy_context"],
                         "models": [energy_per_token(name, model, settings) for name, model in models[1:]]}
-    for name, model in models:
-        row = {"name": name, **training_speed(model, settings)}
+    # training in rounds too, the models taking turns: the ratio is the median of the rounds' ratios
+    trained = {}
+    for _ in range(settings.get("rounds", 1)):
+        for name, model in models:
+            trained.setdefault(name, []).append(training_speed(model, settings))
+    for name, _ in models:
+        runs = trained[name]
+        row = {"name": name, "tokens_per_s": statistics.median(run["tokens_per_s"] for run in runs),
+               "step_s": statistics.median(run["step_s"] for run in runs),
+               "tokens_per_s_rounds": [run["tokens_per_s"] for run in runs]}
         report["training"].append(row)
-        log(f"{name:>14} training: {row['tokens_per_s']:9.0f} tokens/s")
+        log(f"{name:>14} training: {row['tokens_per_s']:9.0f} tokens/s (rounds: "
+            f"{', '.join(f'{r:.0f}' for r in row['tokens_per_s_rounds'])})")
     report["neuron"] = neuron_speed(settings)
     log(f"neuron fwd+bwd {report['neuron']['spikelm_s'] * 1000:.1f} ms, SpikingJelly "
         f"{(report['neuron']['spikingjelly_s'] or float('nan')) * 1000:.1f} ms")

@@ -10,7 +10,7 @@ from spikelm.benchmark import QUICK, PeakRSS
 from spikelm.cli import main
 from spikelm.reporting import results_page
 
-TRAINING = {"name", "tokens_per_s", "step_s"}
+TRAINING = {"name", "tokens_per_s", "step_s", "tokens_per_s_rounds"}
 INFERENCE = {"name", "context", "prefill_tokens_per_s", "prefill_s", "decode_tokens_per_s", "decode_ms_per_token",
              "state_bytes", "peak_rss_growth_bytes", "decode_tokens_per_s_rounds"}
 NEURON = {"shape", "spikelm_s", "relu_s", "spikingjelly_s", "ratio", "note", "spikelm_compiled_s"}
@@ -44,6 +44,7 @@ def test_quick_bench_writes_every_field(tmp_path, capsys):
     assert [row["name"] for row in report["training"]] == names
     for row in report["training"]:
         assert set(row) == TRAINING and positive(row["tokens_per_s"]) and positive(row["step_s"])
+        assert len(row["tokens_per_s_rounds"]) == QUICK["rounds"] and row["tokens_per_s"] in row["tokens_per_s_rounds"]
 
     rows = {(row["name"], row["context"]): row for row in report["inference"]}
     assert set(rows) == {(name, c) for name in names for c in settings["contexts"]}
