@@ -8,7 +8,8 @@ for each concurrency level run that many streaming clients, each sending request
 generated tokens per second over the level's wall time, request latency (p50, p99) and time to first token.
 Beside them, the same model's decode rate through plain `generate()` in this process (greedy, batch 1, the same
 threads: what `spikelm bench` measures), and the ratios issue 13 asks for: one stream's tokens/s over that
-rate, and 32 streams' total over one stream's.
+rate, and 32 streams' total over one stream's. generate() and the batched server's levels take turns
+(`--rounds`, 3 by default); each ratio is the median of the rounds' ratios.
 Needs httpx (`pip install httpx`, in the dev extra).
 """
 
@@ -28,6 +29,9 @@ from spikelm.errors import SpikeLMError
 from spikelm.loading import require_saved_model
 
 
+TOKEN_CHUNK = b'"choices": [{'  # json.dumps's spacing, as the server writes its chunks
+
+
 def _percentile(values, q):
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
@@ -39,11 +43,15 @@ async def _one_request(client, base, prompt, max_tokens):
     first, tokens = None, 0
     async with client.stream("POST", f"{base}/v1/completions", json=body) as response:
         response.raise_for_status()
-        async for line in response.aiter_lines():
-            if line.startswith("data: {"):
-                if json.loads(line[6:]).get("choices"):
-                    tokens += 1
-                    first = first or time.perf_counter()
+        # count token chunks in the raw bytes (a chunk with a choice; the usage chunk has none) instead of parsing
+        # every event: the client shares this machine's two cores with the server, so it should cost little
+        tail = b""
+        async for data in response.aiter_bytes():
+            found = (tail + data).count(TOKEN_CHUNK)
+            if found:
+                tokens += found
+                first = first or time.perf_counter()
+            tail = (tail + data)[-(len(TOKEN_CHUNK) - 1):]
     end = time.perf_counter()
     return {"latency_s": end - start, "ttft_s": (first or end) - start, "tokens": tokens}
 
@@ -72,8 +80,9 @@ async def _level(base, concurrency, requests, max_tokens):
             "ttft_p99_s": _percentile(ttfts, 99)}
 
 
-def generate_rate(model_dir, prompt, max_tokens, threads, dtype):
-    """Decode tokens/s of the model through plain generate() in this process (median step, spikelm.benchmark)."""
+def generate_rate_meter(model_dir, prompt, max_tokens, threads, dtype):
+    """-> a function that measures the model's decode tokens/s through plain generate() in this process (median
+    step, spikelm.benchmark); the model is loaded once."""
     import torch
 
     from spikelm.benchmark import generate_decode_s
@@ -83,39 +92,67 @@ def generate_rate(model_dir, prompt, max_tokens, threads, dtype):
         torch.set_num_threads(threads)
     model = load_model(model_dir).to(getattr(torch, dtype)).eval()
     ids = torch.tensor([load_tokenizer(model_dir)(prompt)["input_ids"]])
-    with torch.no_grad():
-        seconds, _ = generate_decode_s(model, ids, {"warmup": 2, "decode_tokens": max(1, max_tokens - 3)})
-    return 1.0 / seconds
+
+    def measure():
+        with torch.no_grad():
+            seconds, _ = generate_decode_s(model, ids, {"warmup": 2, "decode_tokens": max(1, max_tokens - 3)})
+        return 1.0 / seconds
+
+    return measure
 
 
 def run_benchmark(model, concurrency=(1, 8, 32), max_tokens=64, requests_per_level=None, max_batch=32,
-                  threads=None, dtype="float32", log=print):
+                  threads=None, dtype="float32", rounds=3, log=print):
     """Returns {"batched": [level...], "one_at_a_time": [level...], "generate_tokens_per_s", "ratios",
-    "settings": {...}}."""
+    "rounds": [...], "settings": {...}}.
+
+    This VM's speed drifts by up to 2x within a minute, so generate() and the batched server's levels take turns
+    `rounds` times (generate(), then every level, while the server waits idle between them), and each ratio is
+    the median of the rounds' own ratios; the levels' figures are their medians over the rounds."""
     report = {"settings": {"model": model, "concurrency": list(concurrency), "max_tokens": max_tokens,
-                           "max_batch": max_batch, "threads": threads, "dtype": dtype}}
-    report["generate_tokens_per_s"] = generate_rate(model, "Request 0: to be, or not to be", max_tokens, threads,
-                                                    dtype)
-    log(f"{'generate()':>14}  in process, batch 1: {report['generate_tokens_per_s']:8.1f} tokens/s")
+                           "max_batch": max_batch, "threads": threads, "dtype": dtype, "rounds": rounds}}
+    generate_rate = generate_rate_meter(model, "Request 0: to be, or not to be", max_tokens, threads, dtype)
+    generate_rate()  # warm-up
+    report["rounds"] = []
     for mode, batch in (("batched", max_batch), ("one_at_a_time", 1)):
         with Server(model, max_batch=batch, max_queue=256, max_tokens=4096, threads=threads, dtype=dtype) as server:
             asyncio.run(_level(server.base, 1, 2, 4))  # warm up
-            levels = []
-            for c in concurrency:
-                requests = requests_per_level or max(2 * c, 8)
-                level = asyncio.run(_level(server.base, c, requests, max_tokens))
-                levels.append(level)
-                log(f"{mode:>14}  clients {c:>3}  {level['tokens_per_s']:8.1f} tokens/s  "
-                    f"latency p50 {level['latency_p50_s']:6.2f} s  p99 {level['latency_p99_s']:6.2f} s  "
-                    f"ttft p50 {level['ttft_p50_s']:6.3f} s")
-            report[mode] = levels
-    by_clients = {level["concurrency"]: level["tokens_per_s"] for level in report["batched"]}
+            by_level = {c: [] for c in concurrency}
+            for round_index in range(rounds if mode == "batched" else 1):
+                if mode == "batched":
+                    rate = generate_rate()
+                    log(f"{'generate()':>14}  in process, batch 1: {rate:8.1f} tokens/s")
+                    this_round = {"generate_tokens_per_s": rate}
+                for c in concurrency:
+                    requests = requests_per_level or max(2 * c, 8)
+                    level = asyncio.run(_level(server.base, c, requests, max_tokens))
+                    by_level[c].append(level)
+                    log(f"{mode:>14}  clients {c:>3}  {level['tokens_per_s']:8.1f} tokens/s  "
+                        f"latency p50 {level['latency_p50_s']:6.2f} s  p99 {level['latency_p99_s']:6.2f} s  "
+                        f"ttft p50 {level['ttft_p50_s']:6.3f} s")
+                    if mode == "batched":
+                        this_round[f"clients{c}_tokens_per_s"] = level["tokens_per_s"]
+                if mode == "batched":
+                    report["rounds"].append(this_round)
+            report[mode] = [_median_level(by_level[c]) for c in concurrency]
+    report["generate_tokens_per_s"] = statistics.median(r["generate_tokens_per_s"] for r in report["rounds"])
     report["ratios"] = {}
-    if 1 in by_clients:
-        report["ratios"]["one_stream_over_generate"] = by_clients[1] / report["generate_tokens_per_s"]
-        report["ratios"].update({f"streams{c}_over_one_stream": by_clients[c] / by_clients[1]
-                                 for c in by_clients if c != 1})
+    if 1 in concurrency:
+        per_round = {"one_stream_over_generate": [r["clients1_tokens_per_s"] / r["generate_tokens_per_s"]
+                                                  for r in report["rounds"]]}
+        per_round.update({f"streams{c}_over_one_stream": [r[f"clients{c}_tokens_per_s"] / r["clients1_tokens_per_s"]
+                                                          for r in report["rounds"]] for c in concurrency if c != 1})
+        report["ratios"] = {name: statistics.median(values) for name, values in per_round.items()}
+        report["ratios_rounds"] = per_round
     return report
+
+
+def _median_level(runs):
+    """One level's figures over rounds: the median of each."""
+    if len(runs) == 1:
+        return runs[0]
+    return {key: statistics.median(run[key] for run in runs) if key != "concurrency" else runs[0][key]
+            for key in runs[0]}
 
 
 def main() -> int:
@@ -128,18 +165,20 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads of each server")
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float32",
                         help="the server's (float32: its batch-invariant default)")
+    parser.add_argument("--rounds", type=int, default=3, help="turns of generate() and the batched server's levels")
     parser.add_argument("--out", default="runs/bench_serving.json")
     args = parser.parse_args()
     require_saved_model(args.model)  # run the quickstart first, or pass --model
     report = run_benchmark(args.model, args.concurrency, args.max_tokens, args.requests, args.max_batch,
-                           args.threads, args.dtype)
+                           args.threads, args.dtype, args.rounds)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     for batched, single in zip(report["batched"], report["one_at_a_time"]):
         print(f"clients {batched['concurrency']:>3}: batched {batched['tokens_per_s']:.1f} tokens/s vs "
               f"one at a time {single['tokens_per_s']:.1f} ({batched['tokens_per_s'] / single['tokens_per_s']:.1f}x)")
     for name, value in report["ratios"].items():
-        print(f"{name}: {value:.2f}")
+        rounds = ", ".join(f"{v:.2f}" for v in report["ratios_rounds"][name])
+        print(f"{name}: {value:.2f} (rounds: {rounds})")
     print(f"wrote {args.out}")
     return 0
 
