@@ -8,7 +8,8 @@ for each concurrency level run that many streaming clients, each sending request
 generated tokens per second over the level's wall time, request latency (p50, p99) and time to first token.
 Beside them, the same model's decode rate through plain `generate()` in this process (greedy, batch 1, the same
 threads: what `spikelm bench` measures), and the ratios issue 13 asks for: one stream's tokens/s over that
-rate, and 32 streams' total over one stream's. generate() and the batched server's levels take turns
+rate, and 32 streams' total over one stream's; and, to tell the engine's time from HTTP's, one stream through
+the serving engine in this process with no HTTP. generate() and the batched server's levels take turns
 (`--rounds`, 3 by default); each ratio is the median of the rounds' ratios.
 Needs httpx (`pip install httpx`, in the dev extra).
 """
@@ -101,6 +102,39 @@ def generate_rate_meter(model_dir, prompt, max_tokens, threads, dtype):
     return measure
 
 
+def engine_rate_meter(model_dir, requests, max_tokens, threads, dtype):
+    """-> a function that measures one stream's tokens/s through the serving engine in this process, with no
+    HTTP (requests back to back, as one client sends them): where the server's time goes, engine or HTTP."""
+    import threading
+
+    import torch
+
+    from spikelm.loading import load_model, load_tokenizer
+    from spikelm.serving.engine import Engine, SamplingParams
+
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir).to(getattr(torch, dtype)).eval()  # a copy of its own: the engine sets it up
+    engine = Engine(model, tokenizer, threads=threads, dtype=getattr(torch, dtype))
+    engine.start()  # its thread waits idle between measurements; stopped by the caller (returned with measure)
+
+    def measure():
+        tokens, done = [0], threading.Semaphore(0)
+
+        def on_event(event):
+            tokens[0] += event.token_id is not None
+            if event.finish_reason or event.error:
+                done.release()
+
+        start = time.perf_counter()
+        for i in range(requests):
+            engine.submit(tokenizer(f"Request {i}: to be, or not to be")["input_ids"],
+                          SamplingParams(max_tokens=max_tokens, temperature=0), on_event)
+            done.acquire()
+        return tokens[0] / (time.perf_counter() - start)
+
+    return measure, engine.stop
+
+
 def run_benchmark(model, concurrency=(1, 8, 32), max_tokens=64, requests_per_level=None, max_batch=32,
                   threads=None, dtype="float32", rounds=3, log=print):
     """Returns {"batched": [level...], "one_at_a_time": [level...], "generate_tokens_per_s", "ratios",
@@ -113,6 +147,8 @@ def run_benchmark(model, concurrency=(1, 8, 32), max_tokens=64, requests_per_lev
                            "max_batch": max_batch, "threads": threads, "dtype": dtype, "rounds": rounds}}
     generate_rate = generate_rate_meter(model, "Request 0: to be, or not to be", max_tokens, threads, dtype)
     generate_rate()  # warm-up
+    engine_rate, stop_engine = engine_rate_meter(model, requests_per_level or 8, max_tokens, threads, dtype)
+    engine_rate()  # warm-up
     report["rounds"] = []
     for mode, batch in (("batched", max_batch), ("one_at_a_time", 1)):
         with Server(model, max_batch=batch, max_queue=256, max_tokens=4096, threads=threads, dtype=dtype) as server:
@@ -120,9 +156,10 @@ def run_benchmark(model, concurrency=(1, 8, 32), max_tokens=64, requests_per_lev
             by_level = {c: [] for c in concurrency}
             for round_index in range(rounds if mode == "batched" else 1):
                 if mode == "batched":
-                    rate = generate_rate()
-                    log(f"{'generate()':>14}  in process, batch 1: {rate:8.1f} tokens/s")
-                    this_round = {"generate_tokens_per_s": rate}
+                    rate, engine = generate_rate(), engine_rate()
+                    log(f"{'generate()':>14}  in process, batch 1: {rate:8.1f} tokens/s; the engine in process, "
+                        f"one stream, no HTTP: {engine:8.1f} tokens/s")
+                    this_round = {"generate_tokens_per_s": rate, "engine_one_stream_tokens_per_s": engine}
                 for c in concurrency:
                     requests = requests_per_level or max(2 * c, 8)
                     level = asyncio.run(_level(server.base, c, requests, max_tokens))
@@ -135,11 +172,14 @@ def run_benchmark(model, concurrency=(1, 8, 32), max_tokens=64, requests_per_lev
                 if mode == "batched":
                     report["rounds"].append(this_round)
             report[mode] = [_median_level(by_level[c]) for c in concurrency]
+    stop_engine()
     report["generate_tokens_per_s"] = statistics.median(r["generate_tokens_per_s"] for r in report["rounds"])
     report["ratios"] = {}
     if 1 in concurrency:
         per_round = {"one_stream_over_generate": [r["clients1_tokens_per_s"] / r["generate_tokens_per_s"]
-                                                  for r in report["rounds"]]}
+                                                  for r in report["rounds"]],
+                     "engine_one_stream_over_generate": [r["engine_one_stream_tokens_per_s"] / r["generate_tokens_per_s"]
+                                                         for r in report["rounds"]]}
         per_round.update({f"streams{c}_over_one_stream": [r[f"clients{c}_tokens_per_s"] / r["clients1_tokens_per_s"]
                                                           for r in report["rounds"]] for c in concurrency if c != 1})
         report["ratios"] = {name: statistics.median(values) for name, values in per_round.items()}
