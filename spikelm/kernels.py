@@ -71,6 +71,11 @@ void NAME(const REAL *current, REAL *spikes, int64_t steps, int64_t n, double le
     }                                                                                                        \
 }
 
+/* dst += c * src over n values; a spike (c == 1) adds without the multiplication */
+#define ADD_COUNTED(DST, SRC, C, N)                                                                          \
+    if ((C) == 1) for (int64_t k = 0; k < (N); k++) (DST)[k] += (SRC)[k];                                    \
+    else for (int64_t k = 0; k < (N); k++) (DST)[k] += (C) * (SRC)[k];
+
 #define SPIKE_MATMUL(NAME, REAL)                                                                             \
 int64_t NAME(const REAL *x, int64_t rows, int64_t in, const REAL *weight_t, int64_t out, REAL *result,    \
              int64_t max_nonzero) {                                                                          \
@@ -83,9 +88,7 @@ int64_t NAME(const REAL *x, int64_t rows, int64_t in, const REAL *weight_t, int6
         for (int64_t r = 0; r < rows; r++) {                                                                 \
             const REAL c = x[r * in + i];                                                                    \
             if (c == 0) continue;                                                                            \
-            REAL *o = result + r * out;                                                                      \
-            if (c == 1) for (int64_t k = 0; k < out; k++) o[k] += w[k];                                      \
-            else for (int64_t k = 0; k < out; k++) o[k] += c * w[k];                                         \
+            ADD_COUNTED(result + r * out, w, c, out)                                                         \
         }                                                                                                    \
     }                                                                                                        \
     return nonzero;                                                                                          \
@@ -103,9 +106,7 @@ void NAME(const REAL *x, int64_t rows, int64_t in, const REAL *weight_t, int64_t
         for (int64_t i = 0; i < in; i++) {                                                                   \
             const REAL c = xr[i];                                                                            \
             if (c == 0) continue;                                                                            \
-            const REAL *w = weight_t + i * out;                                                              \
-            if (c == 1) for (int64_t k = 0; k < out; k++) o[k] += w[k];                                      \
-            else for (int64_t k = 0; k < out; k++) o[k] += c * w[k];                                         \
+            ADD_COUNTED(o, weight_t + i * out, c, out)                                                       \
         }                                                                                                    \
     }                                                                                                        \
 }
@@ -122,9 +123,7 @@ void NAME(const REAL *x, int64_t rows, int64_t in, const REAL *g, int64_t out, R
         for (int64_t i = first; i < last; i++) {                                                             \
             const REAL c = xr[i];                                                                            \
             if (c == 0) continue;                                                                            \
-            REAL *d = grad_t + i * out;                                                                      \
-            if (c == 1) for (int64_t k = 0; k < out; k++) d[k] += gr[k];                                     \
-            else for (int64_t k = 0; k < out; k++) d[k] += c * gr[k];                                        \
+            ADD_COUNTED(grad_t + i * out, gr, c, out)                                                        \
         }                                                                                                    \
     }                                                                                                        \
 }
