@@ -773,7 +773,7 @@ class SpikeLMForCausalLM(SpikeLMPreTrainedModel, GenerationMixin):
         # mean_t W s_t = W (sum_t s_t) / T: one matmul on the per-token spike counts (whole numbers 0..T, kept
         # time-first as [1, B, N, D]) instead of T; each spike still adds one column of W (the same ACs)
         counts = spikes.sum(0, keepdim=True)
-        logits = self.lm_head(counts)[0] / spikes.shape[0]
+        logits = self.lm_head(counts).squeeze(0) / spikes.shape[0]  # squeeze: a view, and so is its gradient
         if self.counter is not None:
             self.counter.head_average(self, logits)
         loss = None
