@@ -730,8 +730,7 @@ class EnergyCounter:
         rows = max([len(values) for values in self._lists.values()] + [n for _, n in self._uniform], default=0)
         totals = [dict.fromkeys(COUNTED, 0) for _ in range(rows)]
         spikes, steps = [{} for _ in range(rows)], [{} for _ in range(rows)]
-        for (quantity, layer, _), n in self._uniform:  # a count the same in the first n rows
-            value = self._uniform[((quantity, layer, _), n)]
+        for ((quantity, layer, _), n), value in self._uniform.items():  # a count the same in the first n rows
             per_layer = spikes if quantity == "spikes" else steps if quantity == "neuron_steps" else None
             for i in range(n):
                 totals[i][quantity] += value

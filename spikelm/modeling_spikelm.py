@@ -227,7 +227,7 @@ class AttentionKind:
     """What differs between attention kinds, looked up once per layer (config.attention_type)."""
 
     name: str
-    parallel: Callable  # (q, k, v [T, B, H, n, d], log_decay, scale, mask, state) -> (out, state)
+    parallel: Callable  # (q, k, v [T, B, H, n, d], log_decay, scale, mask, state or None, keep_state) -> (out, state)
     recurrent: Callable  # (q, k, v [T, B, H, d], decay, scale, mask, state) -> (out, state)
     state_shape: Callable  # (T, B, H, d) -> the attention state's shape (fixed: no token count in it)
     count_ops: Callable  # (q, k, v [T, B, n, D], heads, head_dim) -> (ACs per row [B ints], MACs of each row)
