@@ -136,7 +136,7 @@ def engine_rate_meter(model_dir, requests, max_tokens, threads, dtype):
 
 
 def run_benchmark(model, concurrency=(1, 8, 32), max_tokens=64, requests_per_level=None, max_batch=32,
-                  threads=None, dtype="float32", rounds=3, log=print):
+                  threads=None, dtype="float32", rounds=3, engine_process=True, log=print):
     """Returns {"batched": [level...], "one_at_a_time": [level...], "generate_tokens_per_s", "ratios",
     "rounds": [...], "settings": {...}}.
 
@@ -144,14 +144,16 @@ def run_benchmark(model, concurrency=(1, 8, 32), max_tokens=64, requests_per_lev
     `rounds` times (generate(), then every level, while the server waits idle between them), and each ratio is
     the median of the rounds' own ratios; the levels' figures are their medians over the rounds."""
     report = {"settings": {"model": model, "concurrency": list(concurrency), "max_tokens": max_tokens,
-                           "max_batch": max_batch, "threads": threads, "dtype": dtype, "rounds": rounds}}
+                           "max_batch": max_batch, "threads": threads, "dtype": dtype, "rounds": rounds,
+                           "engine_process": engine_process}}
     generate_rate = generate_rate_meter(model, "Request 0: to be, or not to be", max_tokens, threads, dtype)
     generate_rate()  # warm-up
     engine_rate, stop_engine = engine_rate_meter(model, requests_per_level or 8, max_tokens, threads, dtype)
     engine_rate()  # warm-up
     report["rounds"] = []
     for mode, batch in (("batched", max_batch), ("one_at_a_time", 1)):
-        with Server(model, max_batch=batch, max_queue=256, max_tokens=4096, threads=threads, dtype=dtype) as server:
+        with Server(model, max_batch=batch, max_queue=256, max_tokens=4096, threads=threads, dtype=dtype,
+                    engine_process=engine_process) as server:
             asyncio.run(_level(server.base, 1, 2, 4))  # warm up
             by_level = {c: [] for c in concurrency}
             for round_index in range(rounds if mode == "batched" else 1):
@@ -206,11 +208,13 @@ def main() -> int:
     parser.add_argument("--dtype", choices=["float64", "float32"], default="float32",
                         help="the server's (float32: its batch-invariant default)")
     parser.add_argument("--rounds", type=int, default=3, help="turns of generate() and the batched server's levels")
+    parser.add_argument("--engine-in-thread", action="store_true",
+                        help="the servers' engine in a thread of their process (`spikelm serve --engine-in-thread`)")
     parser.add_argument("--out", default="runs/bench_serving.json")
     args = parser.parse_args()
     require_saved_model(args.model)  # run the quickstart first, or pass --model
     report = run_benchmark(args.model, args.concurrency, args.max_tokens, args.requests, args.max_batch,
-                           args.threads, args.dtype, args.rounds)
+                           args.threads, args.dtype, args.rounds, engine_process=not args.engine_in_thread)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     for batched, single in zip(report["batched"], report["one_at_a_time"]):

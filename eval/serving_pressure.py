@@ -76,10 +76,18 @@ class Server:
             self.process.kill()
 
     def rss_mib(self) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise RuntimeError("no VmRSS")
+        """The server's resident memory, its engine process's included."""
+        pids, total = [self.process.pid], 0
+        while pids:
+            pid = pids.pop()
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+                pids += [int(c) for t in Path(f"/proc/{pid}/task").iterdir()
+                         for c in (t / "children").read_text().split()]
+            except FileNotFoundError:  # ended meanwhile
+                continue
+            total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+        return total / 1024
 
     def metric(self, name) -> float:
         for line in httpx.get(f"{self.base}/metrics", timeout=10).text.splitlines():

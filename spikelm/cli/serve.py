@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--dtype", choices=["float64", "float32"], default=d("dtype"),
                         help="float32 (default) or float64; both keep each sequence's output independent of the batch")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for the engine")
+    parser.add_argument("--engine-in-thread", action="store_true",
+                        help="run the model in a thread of the server's process, not in a process of its own "
+                             "(slower: the model and the HTTP event loop then share one GIL)")
     parser.add_argument("--step-tokens", type=int, default=d("step_tokens"),
                         help="tokens one engine step may process: decode rows plus prompt chunks")
     parser.add_argument("--prefix-cache-bytes", type=int, default=d("prefix_cache_bytes"),
@@ -51,7 +54,8 @@ def run(args) -> int:
                            max_batch=args.max_batch, max_queue=args.max_queue,
                            max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                            default_max_tokens=args.default_max_tokens, max_body_bytes=args.max_body_bytes,
-                           dtype=args.dtype, threads=args.threads, step_tokens=args.step_tokens,
+                           dtype=args.dtype, threads=args.threads,
+                           engine_process=not args.engine_in_thread, step_tokens=args.step_tokens,
                            prefix_cache_bytes=args.prefix_cache_bytes, allowed_hosts=args.allowed_hosts,
                            max_connections=args.max_connections, shutdown_timeout_s=args.shutdown_timeout)
     if args.api_key:

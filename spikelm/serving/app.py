@@ -1,9 +1,11 @@
 """The HTTP app: OpenAI-compatible endpoints over one Engine.
 
-create_app(settings) builds a FastAPI app; its lifespan loads the model and tokenizer into app.state and
-starts the engine thread. Handlers parse and check the request (every bad one gets a 4xx in OpenAI's error
-shape), hand token ids to the engine, and relay its events as a JSON response or server-sent events.
-Blocking work (tokenising, loading) runs in worker threads; the model runs only in the engine thread.
+create_app(settings) builds a FastAPI app; its lifespan loads the tokenizer into app.state and starts the
+engine: by default in a process of its own (engine_process.py), which loads the model; with
+`engine_process=False` in a thread of this process. Handlers parse and check the request (every bad one gets a
+4xx in OpenAI's error shape), hand token ids to the engine, and relay its events as a JSON response or
+server-sent events. Blocking work (tokenising, loading, asking the engine process for its figures) runs in
+worker threads; the model runs only in the engine.
 """
 
 import asyncio
@@ -25,10 +27,11 @@ from jinja2 import TemplateError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..loading import load_model_and_tokenizer
+from ..loading import load_model_and_tokenizer, load_tokenizer
 from ..tokenizer import CHAT_TEMPLATE
 from . import schemas
 from .engine import Engine, EngineBusy, EngineStopped, SamplingParams
+from .engine_process import EngineProcess
 from .metrics import CONTENT_TYPE, ServerMetrics
 from .settings import ServeSettings
 
@@ -216,18 +219,26 @@ def check_api_key(request: Request, api_key: str | None):
 def create_app(settings: ServeSettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        model, tokenizer = await asyncio.to_thread(load_model_and_tokenizer, settings.model,
-                                                   revision=settings.revision)
-        engine = Engine(model, tokenizer, max_batch=settings.max_batch, max_queue=settings.max_queue,
-                        dtype=getattr(torch, settings.dtype), threads=settings.threads,
-                        e_ac_pj=settings.e_ac_pj, e_mac_pj=settings.e_mac_pj, step_tokens=settings.step_tokens,
-                        prefix_cache_bytes=settings.prefix_cache_bytes)
-        engine.start()
+        engine_kwargs = dict(max_batch=settings.max_batch, max_queue=settings.max_queue,
+                             dtype=getattr(torch, settings.dtype), threads=settings.threads,
+                             e_ac_pj=settings.e_ac_pj, e_mac_pj=settings.e_mac_pj, step_tokens=settings.step_tokens,
+                             prefix_cache_bytes=settings.prefix_cache_bytes)
+        if settings.engine_process:  # the model in a child process; here only the tokenizer (for prompts)
+            engine = EngineProcess(settings.model, revision=settings.revision,
+                                   log_level=logging.getLogger("spikelm").getEffectiveLevel(), **engine_kwargs)
+            tokenizer = await asyncio.to_thread(load_tokenizer, settings.model, revision=settings.revision)
+            await asyncio.to_thread(engine.start)
+        else:
+            model, tokenizer = await asyncio.to_thread(load_model_and_tokenizer, settings.model,
+                                                       revision=settings.revision)
+            engine = Engine(model, tokenizer, **engine_kwargs)
+            engine.start()
         app.state.tokenizer, app.state.engine = tokenizer, engine
         app.state.relay = EventRelay(asyncio.get_running_loop())
         app.state.started = int(time.time())
-        logger.info("serving %s as %r (max batch %d, %s)", settings.model, settings.served_model_name,
-                    settings.max_batch, settings.dtype)
+        logger.info("serving %s as %r (max batch %d, %s, engine in %s)", settings.model, settings.served_model_name,
+                    settings.max_batch, settings.dtype, "a process of its own" if settings.engine_process else
+                    "a thread")
         try:
             yield
         finally:
@@ -256,9 +267,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
     @app.get("/health")
     async def health():
         engine = app.state.engine
-        if engine is None or not engine.alive:
+        # figures: a round trip to an engine process, so off the event loop
+        figures = await asyncio.to_thread(engine.figures) if engine is not None and engine.alive else None
+        if figures is None:
             return JSONResponse({"status": "unavailable"}, status_code=503)
-        return {"status": "ok", "active_sequences": engine.active_count, "queue_depth": engine.waiting_count}
+        return {"status": "ok", "active_sequences": figures["active"], "queue_depth": figures["waiting"]}
 
     @app.get("/")
     async def playground():  # the page needs no key; the API calls it makes send the one typed into it
@@ -268,7 +281,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        return Response(app.state.metrics.render(), media_type=CONTENT_TYPE)
+        return Response(await asyncio.to_thread(app.state.metrics.render), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -355,7 +368,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         engine, relay = app.state.engine, app.state.relay
         events: asyncio.Queue = asyncio.Queue()
 
-        def on_event(event):  # engine thread -> this request's event loop
+        def on_event(event):  # engine thread (or engine process's reader thread) -> this request's event loop
             relay.put(events, event)
 
         arrived = time.monotonic()

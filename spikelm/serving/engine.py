@@ -375,6 +375,16 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def figures(self) -> dict:
+        """The live figures /metrics shows, read together."""
+        cache = self.prefix_cache
+        return dict(waiting=self.waiting_count, active=self.active_count, prefilling=self.prefilling_count,
+                    max_batch=self.max_batch, steps=self.steps, prefill_chunks=self.prefill_chunks,
+                    cancelled=self.cancelled_total, failed=self.failed_total,
+                    prefix_cache=None if cache is None else dict(
+                        hits=cache.hits, misses=cache.misses, hit_tokens=cache.hit_tokens,
+                        evictions=cache.evictions, bytes=cache.bytes, entries=len(cache)))
+
     # ---------------------------------------------------------------- the engine thread
     def _run(self):
         if self.threads:

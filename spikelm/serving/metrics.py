@@ -16,31 +16,35 @@ class EngineCollector:
         engine = self.engine_of()
         if engine is None:
             return
-        yield GaugeMetricFamily("spikelm_queue_depth", "Requests waiting for a free slot", value=engine.waiting_count)
+        f = engine.figures()
+        if f is None:  # the engine process did not answer in time: no engine figures in this scrape
+            return
+        yield GaugeMetricFamily("spikelm_queue_depth", "Requests waiting for a free slot", value=f["waiting"])
         yield GaugeMetricFamily("spikelm_active_sequences", "Sequences being generated (decode batch size)",
-                                value=engine.active_count)
-        yield GaugeMetricFamily("spikelm_max_batch", "Most sequences decoded together", value=engine.max_batch)
+                                value=f["active"])
+        yield GaugeMetricFamily("spikelm_max_batch", "Most sequences decoded together", value=f["max_batch"])
         yield CounterMetricFamily("spikelm_cancelled_sequences", "Sequences dropped because the client went away",
-                                  value=engine.cancelled_total)
-        yield CounterMetricFamily("spikelm_decode_steps", "Batched decode steps run", value=engine.steps)
+                                  value=f["cancelled"])
+        yield CounterMetricFamily("spikelm_decode_steps", "Batched decode steps run", value=f["steps"])
         yield GaugeMetricFamily("spikelm_prefilling_sequences", "Sequences whose prompt is being prefilled "
-                                "(they hold a slot)", value=engine.prefilling_count)
+                                "(they hold a slot)", value=f["prefilling"])
         yield CounterMetricFamily("spikelm_prefill_chunks", "Prompt chunks run between decode steps",
-                                  value=engine.prefill_chunks)
+                                  value=f["prefill_chunks"])
         yield CounterMetricFamily("spikelm_failed_sequences", "Sequences failed inside the engine (each alone)",
-                                  value=engine.failed_total)
-        cache = engine.prefix_cache
+                                  value=f["failed"])
+        cache = f["prefix_cache"]
         if cache is not None:
             yield CounterMetricFamily("spikelm_prefix_cache_hits", "Prompts resumed from a cached prefix state",
-                                      value=cache.hits)
+                                      value=cache["hits"])
             yield CounterMetricFamily("spikelm_prefix_cache_misses", "Prompts with no cached prefix",
-                                      value=cache.misses)
+                                      value=cache["misses"])
             yield CounterMetricFamily("spikelm_prefix_cache_hit_tokens", "Prompt tokens not run again thanks "
-                                      "to the prefix cache", value=cache.hit_tokens)
+                                      "to the prefix cache", value=cache["hit_tokens"])
             yield CounterMetricFamily("spikelm_prefix_cache_evictions", "Prefix states evicted (least recently "
-                                      "used first)", value=cache.evictions)
-            yield GaugeMetricFamily("spikelm_prefix_cache_bytes", "Bytes held by the prefix cache", value=cache.bytes)
-            yield GaugeMetricFamily("spikelm_prefix_cache_entries", "Prefix states held", value=len(cache))
+                                      "used first)", value=cache["evictions"])
+            yield GaugeMetricFamily("spikelm_prefix_cache_bytes", "Bytes held by the prefix cache",
+                                    value=cache["bytes"])
+            yield GaugeMetricFamily("spikelm_prefix_cache_entries", "Prefix states held", value=cache["entries"])
 
 
 class ServerMetrics:

@@ -39,9 +39,11 @@ class DrainingServer(uvicorn.Server):
     async def _stop_engine_after(self, seconds: float):
         await asyncio.sleep(seconds)
         engine = self.app.state.engine
-        if engine is not None and (engine.slots_taken or engine.waiting_count):
-            logger.warning("shutdown: %d requests still running after %g s; ending them with an error",
-                           engine.slots_taken + engine.waiting_count, seconds)
+        figures = await asyncio.to_thread(engine.figures) if engine is not None else None
+        left = 0 if figures is None else figures["active"] + figures["prefilling"] + figures["waiting"]
+        if left:
+            logger.warning("shutdown: %d requests still running after %g s; ending them with an error", left,
+                           seconds)
             await asyncio.to_thread(engine.stop)
 
 

@@ -27,6 +27,9 @@ class ServeSettings:
     # either way a sequence's numbers do not depend on what else is in the batch (see engine.py)
     dtype: str = "float32"
     threads: int | None = None  # torch intra-op threads; None: torch's default
+    # the engine in a process of its own (engine_process.py), so the model and the event loop do not share one
+    # GIL; False: a thread of the server's process (one process, one copy of the model)
+    engine_process: bool = True
     e_ac_pj: float = E_AC_PJ  # energy of one accumulate (spikelm.energy)
     e_mac_pj: float = E_MAC_PJ  # energy of one multiply-accumulate
     retry_after_s: int = 1  # what a 503 tells the client to wait

@@ -171,16 +171,46 @@ def test_4_10_an_unexpected_error_is_one_counted_logged_500_without_its_text(ser
     assert len(with_traceback) == 1 and request_id in with_traceback[0].getMessage()
 
 
-def test_10_an_engine_failure_reaches_the_client_as_a_generic_message_with_the_request_id(server, monkeypatch):
+def test_10_an_engine_failure_reaches_the_client_as_a_generic_message_with_the_request_id(model_dir, monkeypatch):
     def broken(logits, params, generator):
         raise RuntimeError("probability tensor contains either inf, nan or element < 0 (secret)")
 
     monkeypatch.setattr(engine_module, "sample_next", broken)
-    response = post(server, {"prompt": "a", "max_tokens": 2})
-    error = error_of(response, 500)
-    assert response.headers["x-request-id"] in error["message"] and "secret" not in response.text
-    events, done = stream_completion(server, {"prompt": "a", "max_tokens": 2})
-    assert done and "error" in events[-1] and "secret" not in json.dumps(events)
+    # the patched sampler reaches an engine in this process only: the engine runs in the server's thread here
+    with running_server(model_dir, engine_process=False) as base:
+        response = post(base, {"prompt": "a", "max_tokens": 2})
+        error = error_of(response, 500)
+        assert response.headers["x-request-id"] in error["message"] and "secret" not in response.text
+        events, done = stream_completion(base, {"prompt": "a", "max_tokens": 2})
+        assert done and "error" in events[-1] and "secret" not in json.dumps(events)
+
+
+def test_10_a_dead_engine_process_fails_its_requests_and_health_turns_503(model_dir):
+    """The engine's own process killed mid-stream (as the OOM killer would): the open stream ends in an error
+    chunk and [DONE], a waiting plain request gets a 500, /health says 503, and new requests get 503."""
+    with server_handle(model_dir, max_batch=1, max_tokens=4000) as handle:
+        base = handle.base
+        results = {}
+        streaming = threading.Thread(target=lambda: results.update(stream=stream_completion(
+            base, {"prompt": "Long", "max_tokens": 4000, "temperature": 0})))
+        streaming.start()
+        while metric(base, "spikelm_active_sequences") < 1:
+            time.sleep(0.05)
+        queued = threading.Thread(target=lambda: results.update(plain=post(base, {"prompt": "b", "max_tokens": 5})))
+        queued.start()
+        while metric(base, "spikelm_queue_depth") < 1:
+            time.sleep(0.05)
+        handle.app.state.engine._process.kill()
+        streaming.join(30)
+        queued.join(30)
+        events, done = results["stream"]
+        assert done and "error" in events[-1]
+        assert "engine process stopped" in events[-1]["error"]["message"]
+        error = error_of(results["plain"], 500)
+        assert results["plain"].headers["x-request-id"] in error["message"]
+        assert httpx.get(f"{base}/health", timeout=10).status_code == 503
+        refused = post(base, {"prompt": "c", "max_tokens": 2})
+        assert "engine process has stopped" in error_of(refused, 503)["message"]
 
 
 def test_10_a_broken_chat_template_is_a_400_without_jinja_internals(tmp_path):
