@@ -58,6 +58,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 
+from .event_driven import SpikeLinear
 from .kernels import row_stats as row_stats_kernel
 from .kernels import supports as kernel_supports
 from .modeling_spikelm import SpikeLMAttention, SpikeLMBlock, SpikeLMForCausalLM, SpikeLMModel, SpikeLMRMSNorm
@@ -724,8 +725,12 @@ class EnergyCounter:
     def rows(self) -> int:
         return max((len(v) for v in self._merged().values()), default=0)
 
-    def _rows(self) -> list[tuple[EnergyCounts, dict[str, float]]]:
+    def _rows(self, one_row_path=True) -> list[tuple[EnergyCounts, dict[str, float]]]:
         """(counts, firing rate per layer) of every batch row, in one pass over the keys."""
+        if one_row_path and not self._lists and self._pending:
+            rows = self._one_row()
+            if rows is not None:
+                return rows
         self._flush()
         rows = max([len(values) for values in self._lists.values()] + [n for _, n in self._uniform], default=0)
         totals = [dict.fromkeys(COUNTED, 0) for _ in range(rows)]
@@ -746,6 +751,29 @@ class EnergyCounter:
                  {layer: spikes[i].get(layer, 0) / steps[i][layer] for layer in sorted(steps[i], key=_layer_order)
                   if steps[i][layer]})
                 for i in range(rows)]
+
+    def _one_row(self):
+        """_rows() of a counter that saw one row, all of whose counts are plain numbers (a lone decode step), or
+        None: the noted constant counts' totals are worked out once per list of notes (as `_flush` sums them),
+        and only the counts that vary are added to them. Nothing is moved: the counter reads the same after."""
+        signature = ("one row", *map(id, self._pending))
+        known = self.memo.get(signature)
+        if known is None or known[0] != self._pending:
+            if any(rows != 1 for entries in self._pending for _, rows, _ in entries):
+                return None
+            totals, spikes, steps = dict.fromkeys(COUNTED, 0), {}, {}
+            for entries in self._pending:
+                for (quantity, layer, _), _, value in entries:
+                    _add_to_row(totals, spikes, steps, quantity, layer, value)
+            known = (list(self._pending), totals, spikes, steps)
+            self._remember(signature, known)
+        totals, spikes, steps = dict(known[1]), dict(known[2]), dict(known[3])
+        for ((quantity, layer, _), rows), value in self._uniform.items():
+            if rows != 1:
+                return None
+            _add_to_row(totals, spikes, steps, quantity, layer, value)
+        return [(EnergyCounts(**totals), {layer: spikes.get(layer, 0) / steps[layer]
+                                          for layer in sorted(steps, key=_layer_order) if steps[layer]})]
 
     def row(self, i) -> EnergyCounts:
         """The counts of batch row i, summed over layers."""
@@ -818,6 +846,14 @@ class EnergyCounter:
         return report
 
 
+def _add_to_row(totals, spikes, steps, quantity, layer, value):
+    totals[quantity] += value
+    if quantity == "spikes":
+        spikes[layer] = spikes.get(layer, 0) + value
+    elif quantity == "neuron_steps":
+        steps[layer] = steps.get(layer, 0) + value
+
+
 def _layer_order(layer):
     return (1, 0) if layer == "head" else (0, int(layer.split(".")[-1]))
 
@@ -876,7 +912,10 @@ def count_energy(model, counter=None):
     handles, flagged = [], []
     for name, module in model.named_modules():
         counter.labels[module] = _layer_label(name)
-        if isinstance(module, nn.Linear):
+        if isinstance(module, SpikeLinear):  # calls `counter.linear` itself
+            module.counter = counter
+            flagged.append(module)
+        elif isinstance(module, nn.Linear):
             handles.append(module.register_forward_hook(counter.linear))
         elif isinstance(module, (nn.LayerNorm, SpikeLMRMSNorm)):
             handles.append(module.register_forward_hook(counter.norm))

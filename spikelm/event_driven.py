@@ -165,6 +165,7 @@ class SpikeLinear(nn.Linear):
         self.batch_invariant = False  # at inference, always a fixed-order row sum (set_batch_invariant)
         self._weight_t = None
         self._weight_key = None
+        self.counter = None  # set by spikelm.energy while counting: called directly, cheaper than a hook
 
     def weight_t(self):
         w = self.weight
@@ -176,6 +177,12 @@ class SpikeLinear(nn.Linear):
         return self._weight_t
 
     def forward(self, x):
+        out = self._matmul(x)
+        if self.counter is not None:
+            self.counter.linear(self, (x,), out)
+        return out
+
+    def _matmul(self, x):
         invariant = self.batch_invariant
         if torch.is_grad_enabled() and self.event_driven and x.dim() >= 2 and not torch.compiler.is_compiling():
             flat = x.reshape(-1, x.shape[-1])

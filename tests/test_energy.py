@@ -366,6 +366,30 @@ def test_counts_worked_out_once_per_shape_equal_fresh_counts(kernels_on, monkeyp
     assert counter.total() == total
 
 
+@pytest.mark.parametrize("attention_type", ["ssa", "sdsa"])
+def test_one_row_shortcut_reads_what_the_general_path_reads(attention_type):
+    # per_row() of a one-row forward (a prompt, then decode steps through a switch, as the serving engine
+    # counts them) adds the varying counts to the memoised totals of the constant ones; the general path sums
+    # every count. Same counts, same firing rates, every step; and reading does not change the counter.
+    model = SpikeLMForCausalLM(tiny_config(attention_type, gated_decay=True)).eval()
+    switch = CounterSwitch()
+    with torch.no_grad(), count_energy(model, switch):
+        counter = switch.use(EnergyCounter())
+        cache = model(torch.randint(3, 48, (1, 7)), use_cache=True).cache
+        steps = [counter]
+        for position in range(7, 12):
+            steps.append(switch.use(EnergyCounter(positions=[position])))
+            cache = model(torch.randint(3, 48, (1, 1)), cache=cache, use_cache=True).cache
+    for counter in steps:
+        shortcut = counter._one_row()
+        assert shortcut is not None
+        assert counter._rows() == shortcut  # read twice: the same
+        assert counter._rows(one_row_path=False) == shortcut
+        assert shortcut[0][0].tokens == 7 if counter is steps[0] else 1
+    # what varies from step to step is in: the position (context), and the spikes
+    assert [c.per_row()[0][0].context for c in steps[1:]] == list(range(8, 13))
+
+
 def test_counts_are_the_same_with_and_without_the_c_kernels(monkeypatch):
     from spikelm import kernels
 

@@ -554,6 +554,8 @@ class Engine:
         rows = [row for row, s in enumerate(batch) if s.params.greedy and not s.params.logit_bias]
         if not rows:
             return {}
+        if len(rows) == 1:  # (one stream: plain indexing, not a gather)
+            return {rows[0]: int(torch.argmax(logits[rows[0], -1]))}
         return dict(zip(rows, torch.argmax(logits[rows, -1], dim=-1).tolist()))
 
     def _drop_cancelled(self):
