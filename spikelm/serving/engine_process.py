@@ -2,12 +2,16 @@
 
 In one process the engine thread and uvicorn's event loop take turns at the interpreter: while the loop encodes
 and sends a token's chunk the decode step waits, and the other way round (on two cores, one stream's tokens/s
-fell to about 0.6-0.7 of the engine's own rate). `EngineProcess` runs the same `Engine` in a spawned child (not
-forked: a fork would copy torch's threads in whatever state they are) and stands in for it in the app:
-`start`, `submit`, `cancel`, `stop`, `alive`, `figures` and `config` mean what they mean on Engine.
+fell to about 0.6-0.7 of the engine's own rate). `EngineProcess` runs the same `Engine` in a child process and
+stands in for it in the app: `start`, `submit`, `cancel`, `stop`, `alive`, `figures` and `config` mean what
+they mean on Engine. The child is a fresh interpreter (`python -m spikelm.serving.engine_process FD`), not a
+fork (which would copy torch's threads in whatever state they are) and not multiprocessing's spawn (which runs
+the parent's main script again: a script that starts the server without an `if __name__ == "__main__"` guard
+would start it twice).
 
-One pipe carries pickled messages:
-    parent -> child: ("submit", request_id, prompt_ids, params), ("cancel", request_id), ("figures",), ("stop",)
+One socket pair carries pickled messages (multiprocessing's Connection):
+    parent -> child: (model, revision, engine kwargs, log level) first; then ("submit", request_id, prompt_ids,
+                     params), ("cancel", request_id), ("figures",), ("stop",)
     child -> parent: ("ready", config) or ("failed", message) once, after loading the model;
                      ("events", [(request_id, event), ...]) once per engine step (the events Engine sends
                      together); ("figures", dict) in answer to ("figures",).
@@ -20,8 +24,13 @@ an error event and `alive` turns False (/health answers 503, new requests 503).
 
 import itertools
 import logging
-import multiprocessing
+import os
+import socket
+import subprocess
+import sys
 import threading
+from multiprocessing.connection import Connection
+from pathlib import Path
 
 from ..errors import SpikeLMError
 from .engine import Engine, EngineBusy, EngineStopped, SequenceEvent
@@ -64,26 +73,29 @@ class EngineProcess:
 
     # ---------------------------------------------------------------- the parent's side
     def start(self):
-        """Spawn the child and wait until it has loaded the model; raises SpikeLMError with the child's reason
+        """Start the child and wait until it has loaded the model; raises SpikeLMError with the child's reason
         when it could not."""
-        context = multiprocessing.get_context("spawn")
-        self._conn, child_end = context.Pipe()
+        parent_end, child_end = socket.socketpair()
+        # the child imports this package from where this process found it, installed or not
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH"))
+                                                           if p)}
+        self._process = subprocess.Popen([sys.executable, "-m", "spikelm.serving.engine_process",
+                                          str(child_end.fileno())], pass_fds=(child_end.fileno(),), env=env)
+        child_end.close()  # the child holds the only other end: its exit is our EOF
+        self._conn = Connection(parent_end.detach())
         # the child's queue: the parent's bound, and as much again for cancelled requests not yet dropped there
         child_kwargs = dict(self.engine_kwargs, max_batch=self.max_batch,
                             max_queue=2 * (self.max_batch + self.max_queue))
-        self._process = context.Process(target=_child_main, name="spikelm-engine", daemon=True,
-                                        args=(child_end, self.model_name, self.revision, child_kwargs,
-                                              self.log_level))
-        self._process.start()
-        child_end.close()  # the child holds the only other end: its exit is our EOF
         try:
+            self._conn.send((self.model_name, self.revision, child_kwargs, self.log_level))
             kind, payload = self._conn.recv()
         except (EOFError, OSError):
-            self._process.join(5)
-            raise SpikeLMError(f"the engine process exited while loading {self.model_name} (exit code "
-                               f"{self._process.exitcode}); the server's log has the cause") from None
+            code = self._process.wait(5)
+            raise SpikeLMError(f"the engine process exited while loading {self.model_name} (exit code {code}); "
+                               "the server's log has the cause") from None
         if kind == "failed":
-            self._process.join(5)
+            self._process.wait(5)
             raise SpikeLMError(payload)
         self.config = payload
         self._reader = threading.Thread(target=self._read_events, name="spikelm-engine-events", daemon=True)
@@ -99,11 +111,12 @@ class EngineProcess:
             self._send(("stop",))
         except OSError:
             pass
-        self._process.join(timeout)
-        if self._process.is_alive():
-            logger.warning("the engine process did not stop within %g s; terminating it", timeout)
-            self._process.terminate()
-            self._process.join(5)
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("the engine process did not stop within %g s; killing it", timeout)
+            self._process.kill()
+            self._process.wait(5)
         if self._reader is not None:
             self._reader.join(5)
 
@@ -135,7 +148,7 @@ class EngineProcess:
 
     @property
     def alive(self) -> bool:
-        return self._process is not None and self._process.is_alive() and self._reader is not None \
+        return self._process is not None and self._process.poll() is None and self._reader is not None \
             and self._reader.is_alive()
 
     def figures(self) -> dict | None:
@@ -175,7 +188,7 @@ class EngineProcess:
             stopping = self._stopping
         if left and not stopping:
             logger.error("the engine process stopped unexpectedly (exit code %s); failing %d open requests",
-                         self._process.exitcode, len(left))
+                         self._process.poll(), len(left))
         for request_id, on_event in left.items():
             if stopping:
                 event = SequenceEvent(error="the server is shutting down: retry later", finish_reason="error",
@@ -258,7 +271,8 @@ class PipedEngine(Engine):
         self.stop()
 
 
-def _child_main(conn, model_name, revision, engine_kwargs, log_level):
+def _child_main(conn):
+    model_name, revision, engine_kwargs, log_level = conn.recv()
     logging.basicConfig(level=log_level, format="%(asctime)s %(name)s (engine process) %(levelname)s %(message)s")
     from ..loading import load_model_and_tokenizer
 
@@ -280,3 +294,7 @@ def _child_main(conn, model_name, revision, engine_kwargs, log_level):
     if engine._stopping:
         commands.join(15)
     conn.close()
+
+
+if __name__ == "__main__":  # the child: python -m spikelm.serving.engine_process FD
+    _child_main(Connection(int(sys.argv[1])))
