@@ -360,6 +360,26 @@ class SpikeLMCache(Cache):
         self.seen_tokens = max(self.seen_tokens, other.seen_tokens)  # > 0 selects the recurrent form
         return self
 
+    def split_rows(self, seen_tokens: list[int] | None = None) -> list["SpikeLMCache"]:
+        """One cache per batch row, each with its own copy of its row's state; `seen_tokens`: each row's count
+        (default: this cache's)."""
+        rows = self.layers[0].decay_sum.shape[0]
+        seen_tokens = seen_tokens or [self.seen_tokens] * rows
+        caches = []
+        for row, seen in zip(range(rows), seen_tokens):
+            cache = copy.copy(self)
+            cache.layers = []
+            for layer in self.layers:
+                part = SpikeLMStateLayer()
+                part.has_previous_state = dict(layer.has_previous_state)
+                for name, dim in layer.BATCH_DIMS.items():
+                    value = getattr(layer, name)
+                    setattr(part, name, None if value is None else value.narrow(dim, row, 1).clone())
+                cache.layers.append(part)
+            cache.seen_tokens = seen
+            caches.append(cache)
+        return caches
+
     def select_rows(self, indices: torch.Tensor) -> "SpikeLMCache":
         """Keep only the batch rows `indices` (in that order), in place; returns self."""
         self.batch_select_indices(indices)

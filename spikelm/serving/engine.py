@@ -46,6 +46,7 @@ import torch
 from ..energy import (E_AC_PJ, E_MAC_PJ, CounterSwitch, EnergyCounter, EnergyCounts, Prices, count_energy,
                       gpt2_reference_counts, summarise)
 from ..event_driven import set_batch_invariant
+from ..modeling_spikelm import SpikeLMCache
 from .prefix_cache import PrefixStateCache
 
 logger = logging.getLogger("spikelm.serving")
@@ -316,7 +317,8 @@ class Engine:
         self._thread = None
         # figures for /metrics
         self.steps = 0
-        self.prefill_chunks = 0
+        self.prefill_chunks = 0  # a prompt's chunk each
+        self.prefill_forwards = 0  # chunks of one length run together: one forward
         self.last_batch_size = 0
         self.cancelled_total = 0
         self.failed_total = 0
@@ -380,6 +382,7 @@ class Engine:
         cache = self.prefix_cache
         return dict(waiting=self.waiting_count, active=self.active_count, prefilling=self.prefilling_count,
                     max_batch=self.max_batch, steps=self.steps, prefill_chunks=self.prefill_chunks,
+                    prefill_forwards=self.prefill_forwards,
                     cancelled=self.cancelled_total, failed=self.failed_total,
                     prefix_cache=None if cache is None else dict(
                         hits=cache.hits, misses=cache.misses, hit_tokens=cache.hit_tokens,
@@ -443,20 +446,51 @@ class Engine:
                     sequence.snapshot_at = match.shared  # the next prompt with this start resumes here
 
     def _prefill_step(self, budget: int):
-        """Run prompt chunks, oldest prompt first, until `budget` tokens have run."""
-        for sequence in list(self._prefilling):
+        """Run prompt chunks, oldest prompt first, until `budget` tokens have run. Chunks of one length whose
+        prompts all start afresh, or all continue a state, run as one forward: rows are independent, so each
+        gets the numbers it gets alone (a wave of requests then costs a few forwards, not one each)."""
+        planned = []
+        for sequence in self._prefilling:
             if budget <= 0:
-                return
+                break
             remaining = len(sequence.prompt_ids) - sequence.prefilled
             chunk = min(remaining, budget)
             snapshots = [at for at in self._snapshot_points(sequence) if at > sequence.prefilled]
             if snapshots:  # end the chunk where a snapshot is wanted
                 chunk = min(chunk, min(snapshots) - sequence.prefilled)
             budget -= chunk
+            planned.append((sequence, chunk))
+        groups: dict[tuple[int, bool], list[Sequence]] = {}
+        for sequence, chunk in planned:
+            groups.setdefault((chunk, sequence.cache is None), []).append(sequence)
+        for (chunk, _), group in groups.items():
+            for start in range(0, len(group), self.max_batch):
+                self._prefill_group(group[start:start + self.max_batch], chunk)
+
+    def _prefill_group(self, group, chunk: int):
+        """Prefill the next `chunk` tokens of each sequence in `group` (in one forward; if that fails, each alone,
+        so that only a bad request fails), and move the prompts that are done to the decode batch."""
+        outcomes = None
+        if len(group) > 1:
             try:
-                logits = self._prefill_chunk(sequence, chunk)
-            except Exception:  # a bad request must not take the engine down
+                outcomes = self._run_chunks(group, chunk)
+            except Exception:
+                logger.exception("a batched prefill of %d prompts failed; running them one by one", len(group))
+        if outcomes is None:
+            outcomes = []
+            for sequence in group:
+                try:
+                    outcomes.append(self._run_chunks([sequence], chunk)[0])
+                except Exception:
+                    logger.exception("prefill failed for request %s", sequence.request_id)
+                    outcomes.append(None)
+        for sequence, outcome in zip(group, outcomes):
+            try:
+                logits = None if outcome is None else self._take_chunk(sequence, chunk, *outcome)
+            except Exception:
                 logger.exception("prefill failed for request %s", sequence.request_id)
+                outcome = None
+            if outcome is None:  # a bad request must not take the engine down: it fails alone
                 self._prefilling.remove(sequence)
                 self._fail(sequence)
                 self._deliver()
@@ -472,21 +506,34 @@ class Engine:
                     self._active.append(sequence)
             sequence.cache = None
 
-    def _prefill_chunk(self, sequence, chunk: int):
-        """Run the next `chunk` prompt tokens of `sequence`; returns the last token's logits once the prompt
-        is done, else None."""
-        start = sequence.prefilled
-        ids = torch.tensor([sequence.prompt_ids[start:start + chunk]], dtype=torch.long)
+    def _run_chunks(self, group, chunk: int):
+        """One forward over the next `chunk` prompt tokens of every sequence in `group` (all fresh, or all
+        continuing a state); -> per sequence (its state after, its energy counts and firing rates, its last
+        logits). Changes no sequence."""
+        ids = torch.tensor([s.prompt_ids[s.prefilled:s.prefilled + chunk] for s in group], dtype=torch.long)
+        cache = group[0].cache
+        if cache is not None and len(group) > 1:  # their states in one batch (new tensors: theirs stay as they are)
+            cache = SpikeLMCache(self.config)
+            for sequence in group:
+                cache.append_rows(sequence.cache)
         # a resumed prompt continues at its cached length
-        counter = self._counts.use(EnergyCounter(positions=[start]))
-        output = self.model(input_ids=ids, cache=sequence.cache, use_cache=True, logits_to_keep=1)
-        sequence.cache = output.cache
+        counter = self._counts.use(EnergyCounter(positions=[s.prefilled for s in group]))
+        output = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        self.prefill_forwards += 1
+        states = [output.cache] if len(group) == 1 else \
+            output.cache.split_rows([s.prefilled + chunk for s in group])
+        return [(state, energy, rates, logits[-1])
+                for state, (energy, rates), logits in zip(states, counter.per_row(), output.logits)]
+
+    def _take_chunk(self, sequence, chunk: int, state, energy, rates, logits):
+        """Note a chunk that ran; returns the logits once the prompt is done, else None."""
+        sequence.cache = state
         sequence.prefilled += chunk
-        self._add_prompt_counts(sequence, *counter.per_row()[0], chunk)
+        self._add_prompt_counts(sequence, energy, rates, chunk)
         self.prefill_chunks += 1
         if sequence.prefilled in self._snapshot_points(sequence):
             self.prefix_cache.insert(sequence.prompt_ids[:sequence.prefilled], sequence.cache)
-        return output.logits[0, -1] if sequence.prefilled == len(sequence.prompt_ids) else None
+        return logits if sequence.prefilled == len(sequence.prompt_ids) else None
 
     @staticmethod
     def _add_prompt_counts(sequence, energy: EnergyCounts, rates: dict[str, float], tokens: int):

@@ -30,6 +30,8 @@ class EngineCollector:
                                 "(they hold a slot)", value=f["prefilling"])
         yield CounterMetricFamily("spikelm_prefill_chunks", "Prompt chunks run between decode steps",
                                   value=f["prefill_chunks"])
+        yield CounterMetricFamily("spikelm_prefill_forwards", "Forwards that ran prompt chunks (chunks of one "
+                                  "length run together)", value=f["prefill_forwards"])
         yield CounterMetricFamily("spikelm_failed_sequences", "Sequences failed inside the engine (each alone)",
                                   value=f["failed"])
         cache = f["prefix_cache"]

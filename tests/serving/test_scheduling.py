@@ -110,6 +110,54 @@ def test_chunked_prefill_gives_the_same_tokens_as_one_forward(model_dir):
     assert engine.prefill_chunks >= sum(len(p) for p in prompts) // 7
 
 
+def run_wave(model_dir, warm_up, wave, params, warm_up_params=None, **engine_settings):
+    """Run `warm_up` alone, then submit every prompt of `wave` before the engine's next step (they wait
+    together, so their prefill chunks of one length run as one forward); returns the wave's Collectors and the
+    engine."""
+    model, tokenizer = load_model_and_tokenizer(str(model_dir))
+    engine = Engine(model, tokenizer, threads=1, **engine_settings)
+    engine.start()
+    try:
+        if warm_up:
+            first = Collector()
+            engine.submit(warm_up, warm_up_params, first)
+            assert first.done.wait(120)
+        collectors = [Collector() for _ in wave]
+        with engine._wakeup:  # the engine thread waits for this lock before it looks at the queue
+            for prompt, p, collector in zip(wave, params, collectors):
+                engine.submit(prompt, p, collector)
+        for collector in collectors:
+            assert collector.done.wait(120)
+    finally:
+        engine.stop()
+    return collectors, engine
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_prompts_prefilled_together_get_what_each_gets_alone(model_dir, cached):
+    """Equal-length chunks of waiting prompts run as one forward: fresh prompts, or (with the prefix cache)
+    prompts that continue different cached states. Each gets the tokens, the per-token energy and the usage it
+    gets alone, bit for bit, in float32; sampled ones too."""
+    params = [SamplingParams(max_tokens=12, temperature=0), SamplingParams(max_tokens=10, temperature=0.9, seed=5),
+              SamplingParams(max_tokens=12, temperature=0), SamplingParams(max_tokens=8, temperature=0.7, seed=1)]
+    if cached:  # the first prompt leaves a snapshot at SHARED[:60]; the wave's prompts resume from it
+        warm_up, wave = SHARED[:60] + [4], [SHARED[:60] + [5 + i, 6, 7 + i, 8] for i in range(4)]
+        settings = dict(prefix_cache_bytes=2**26)
+    else:
+        warm_up, wave = None, [[3 + i, 9, 4 + 2 * i, 11, 5] for i in range(4)]
+        settings = dict(prefix_cache_bytes=0)
+    together, engine = run_wave(model_dir, warm_up, wave, params, params[0], **settings)
+    assert engine.prefill_forwards < engine.prefill_chunks  # some chunks ran together
+    alone = [run_engine(model_dir, ([warm_up] if warm_up else []) + [prompt], p, True, **settings)[0][-1]
+             for prompt, p in zip(wave, params)]
+    for one, batched in zip(alone, together):
+        assert [(e.token_id, e.energy, e.firing_rate_per_layer) for e in batched.events] == \
+               [(e.token_id, e.energy, e.firing_rate_per_layer) for e in one.events]
+        assert batched.events[-1].usage.energy == one.events[-1].usage.energy
+        assert batched.events[-1].usage.cached_tokens == one.events[-1].usage.cached_tokens == (60 if cached else 0)
+    assert len({tuple(c.tokens) for c in together}) > 1
+
+
 def test_a_long_prompt_is_prefilled_between_the_decode_steps_of_running_streams(model_dir):
     model, tokenizer = load_model_and_tokenizer(str(model_dir))
     engine = Engine(model, tokenizer, threads=1, step_tokens=64, prefix_cache_bytes=0)
