@@ -52,6 +52,7 @@ Hooks and `counter` attributes only collect counts; the arithmetic lives in the 
 """
 
 import math
+import operator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 
@@ -266,8 +267,9 @@ class EnergyCounts:
     context: int = 0
 
     def __iadd__(self, other):
+        mine, theirs = self.__dict__, other.__dict__
         for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+            mine[name] += theirs[name]
         return self
 
     def picojoules(self, e_ac=E_AC_PJ, e_mac=E_MAC_PJ) -> float:
@@ -503,8 +505,7 @@ class EnergyCounter:
             return
         if len(total) < rows:  # a wider batch than before: more rows
             total += [0] * (rows - len(total))
-        for i, value in enumerate(per_row):
-            total[i] += value
+        total[:len(per_row)] = map(operator.add, total, per_row)  # (a loop in C)
 
     def _merged(self) -> dict:
         """{(quantity, layer, kind): [count per row]}, as Python integers."""
@@ -558,9 +559,11 @@ class EnergyCounter:
                 uniform[plan[0]] = uniform.get(plan[0], 0) + weight_ops_on_spikes(out, spikes)[0]
                 uniform[plan[1]] = uniform.get(plan[1], 0) + weight_reads_on_spikes(out, spikes)
             return
-        if binary:
-            ops = [weight_ops_on_spikes(out, spikes) for spikes in nonzero]
-            reads = [weight_reads_on_spikes(out, spikes) for spikes in nonzero]
+        if binary:  # both rules are linear in the spikes: one spike's counts, times each row's spikes
+            ac, mac = weight_ops_on_spikes(out, 1)
+            read = weight_reads_on_spikes(out, 1)
+            ops = ([ac * spikes for spikes in nonzero], [mac * spikes for spikes in nonzero] if mac else 0)
+            reads = [read * spikes for spikes in nonzero]
         elif getattr(module, "fed_spike_counts", False) and whole:
             # the LM head gets per-token counts of its input spikes: each counted spike adds one column, as a
             # spike does, and a column is read per non-zero count
@@ -733,24 +736,31 @@ class EnergyCounter:
                 return rows
         self._flush()
         rows = max([len(values) for values in self._lists.values()] + [n for _, n in self._uniform], default=0)
-        totals = [dict.fromkeys(COUNTED, 0) for _ in range(rows)]
-        spikes, steps = [{} for _ in range(rows)], [{} for _ in range(rows)]
+        # one column of per-row sums per quantity, and per layer for spikes and neuron steps; a count the same in
+        # the first n rows and a per-row list are each added in one pass (map: a loop in C, not one per row)
+        columns = {}
+
+        def add(quantity, layer, values, n):
+            for key in ((quantity, None), (quantity, layer)) if quantity in ("spikes", "neuron_steps") else \
+                    ((quantity, None),):
+                column = columns.get(key)
+                if column is None:
+                    column = columns[key] = [0] * rows
+                column[:n] = map(operator.add, column[:n], values)
+
         for ((quantity, layer, _), n), value in self._uniform.items():  # a count the same in the first n rows
-            per_layer = spikes if quantity == "spikes" else steps if quantity == "neuron_steps" else None
-            for i in range(n):
-                totals[i][quantity] += value
-                if per_layer is not None:
-                    per_layer[i][layer] = per_layer[i].get(layer, 0) + value
+            add(quantity, layer, [value] * n, n)
         for (quantity, layer, _), values in self._lists.items():
-            per_layer = spikes if quantity == "spikes" else steps if quantity == "neuron_steps" else None
-            for i, value in enumerate(values):
-                totals[i][quantity] += value
-                if per_layer is not None:
-                    per_layer[i][layer] = per_layer[i].get(layer, 0) + value
-        return [(EnergyCounts(**totals[i]),
-                 {layer: spikes[i].get(layer, 0) / steps[i][layer] for layer in sorted(steps[i], key=_layer_order)
-                  if steps[i][layer]})
-                for i in range(rows)]
+            add(quantity, layer, values, len(values))
+        zeros = [0] * rows
+        counts = zip(*(columns.get((quantity, None), zeros) for quantity in COUNTED))
+        layers = sorted((key[1] for key in columns if key[0] == "neuron_steps" and key[1] is not None),
+                        key=_layer_order)
+        spikes = [columns.get(("spikes", layer), zeros) for layer in layers]
+        steps = [columns[("neuron_steps", layer)] for layer in layers]
+        return [(EnergyCounts(*row_counts),
+                 {layer: fired[i] / ran[i] for layer, fired, ran in zip(layers, spikes, steps) if ran[i]})
+                for i, row_counts in enumerate(counts)]
 
     def _one_row(self):
         """_rows() of a counter that saw one row, all of whose counts are plain numbers (a lone decode step), or

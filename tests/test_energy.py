@@ -7,7 +7,7 @@ from spikelm import SpikeLMForCausalLM, count_energy, energy_report, gpt2_refere
 from spikelm.energy import (CounterSwitch, EnergyCounter, EnergyCounts, Prices, ann_twin_reference_counts,
                             count_inference, head_average_traffic, kv_cache_traffic, neuron_ops, neuron_state_traffic, norm_ops, sdsa_ops,
                             ssa_ops, attention_state_traffic, summarise, token_shift_traffic,
-                            weight_reads_dense, weight_reads_on_spikes)
+                            weight_ops_on_spikes, weight_reads_dense, weight_reads_on_spikes)
 from spikelm.modeling_spikelm import SpikingNeuron
 from conftest import tiny_config
 
@@ -118,6 +118,13 @@ def test_rules():
     assert ssa_ops(2, 1, 4, 1, kv_pairs=5, q_spikes=2) == (13, 32 + 1 + 4 + 1 + 8)
     # T=2, H=2, D=8, 1 token: decay 16, z 2, 1/z 2*4, S/z 16; 3 coincidences + q masks 16
     assert sdsa_ops(2, 2, 8, 1, coincidences=3) == (19, 16 + 2 + 8 + 16)
+
+
+def test_weight_rules_are_linear_in_the_spikes():
+    # the counter works a matrix's counts out for one spike and scales them by each row's spikes
+    for out, spikes in ((5, 0), (5, 3), (1024, 117)):
+        assert weight_ops_on_spikes(out, spikes) == tuple(spikes * part for part in weight_ops_on_spikes(out, 1))
+        assert weight_reads_on_spikes(out, spikes) == spikes * weight_reads_on_spikes(out, 1)
 
 
 def test_memory_rules():
