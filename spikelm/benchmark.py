@@ -27,12 +27,12 @@ from pathlib import Path
 
 FULL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, vocab_size=4096,
             time_steps=[4], contexts=[128, 512, 2048, 4096], train_batch=8, train_seq_len=256, decode_tokens=32,
-            repeats=5, warmup=1, rounds=3, neuron_shape=[4, 2048, 1024], energy_context=512,
+            repeats=5, warmup=1, rounds=3, decode_passes=7, neuron_shape=[4, 2048, 1024], energy_context=512,
             event_shape=dict(hidden_size=1024, num_hidden_layers=8, num_attention_heads=16),
             crossover_shapes=[(256, 1024), (1024, 256), (1024, 4096), (4096, 1024)])
 QUICK = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256, vocab_size=512,
              time_steps=[4], contexts=[128, 512], train_batch=4, train_seq_len=64, decode_tokens=8, repeats=3,
-             warmup=1, rounds=1, neuron_shape=[4, 512, 1024], energy_context=128,
+             warmup=1, rounds=1, decode_passes=2, neuron_shape=[4, 512, 1024], energy_context=128,
              event_shape=dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4),
              crossover_shapes=[(256, 1024), (1024, 256)])
 
@@ -186,16 +186,18 @@ def _synchronize(device):
         torch.cuda.synchronize()
 
 
-def generate_decode_s(model, prompt, settings):
+def generate_decode_s(model, prompt, settings, cache=None):
     """Median seconds per decode step of plain `model.generate()` (greedy, batch 1) after `prompt`, over
-    `decode_tokens` steps after `warmup` steps."""
+    `decode_tokens` steps after `warmup` steps. `cache`: the state after all but the last prompt token (generate
+    then runs that token and decodes, without prefilling the prompt again); it is used up."""
     from transformers import LogitsProcessorList
 
     new_tokens = settings["warmup"] + settings["decode_tokens"] + 1
     clock = StepClock(prompt.device)
+    extra = {} if cache is None else {"cache": cache}
     output = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                             pad_token_id=0, logits_processor=LogitsProcessorList([clock]),
-                            return_dict_in_generate=True)
+                            return_dict_in_generate=True, **extra)
     steps = [b - a for a, b in zip(clock.times, clock.times[1:])][settings["warmup"]:]
     return statistics.median(steps), output
 
@@ -220,6 +222,35 @@ def inference_speed(model, context, settings):
     return {"context": context, "prefill_tokens_per_s": context / prefill_s, "prefill_s": prefill_s,
             "decode_tokens_per_s": 1.0 / decode_s, "decode_ms_per_token": 1000.0 * decode_s,
             "state_bytes": state_bytes(cache)}
+
+
+def paired_decode(timed, contexts, settings, pairs):
+    """Decode rates timed close together, for the ratios: every model's state after every context is made once
+    (a forward over all but the last prompt token, untimed); then `pairs` times, through each context in turn,
+    each model decodes from a copy of its state through plain `generate()`. In each pass the models' rates at
+    one context, and a model's rates at every context, are timed within a second or two of each other, so a
+    machine whose speed drifts over tens of seconds (a shared VM) drifts out of their ratios; timed after a
+    fresh prefill each (`inference_speed`), the contexts' decodes were a minute apart.
+    -> {(name, context): [tokens/s, one per pass]}"""
+    import copy
+
+    import torch
+
+    device = settings.get("device", "cpu")
+    states = {}
+    with torch.no_grad():
+        for context in contexts:
+            prompt = torch.randint(settings["vocab_size"], (1, context), device=device)
+            for name, model in timed:
+                states[(name, context)] = (prompt, model(prompt[:, :-1], use_cache=True).cache)
+        rates = {}
+        for _ in range(pairs):
+            for context in contexts:
+                for name, model in timed:
+                    prompt, cache = states[(name, context)]
+                    seconds, _ = generate_decode_s(model, prompt, settings, cache=copy.deepcopy(cache))
+                    rates.setdefault((name, context), []).append(1.0 / seconds)
+    return rates
 
 
 def event_driven_speed(settings, log=print):
@@ -416,26 +447,32 @@ def run_benchmark(settings, log=print):
     for name, model in timed:
         model.eval()
         inference_speed(model, settings["contexts"][0], settings)  # warm-up: one-off costs, compilation
-    # `rounds` rounds, each through every context, the models taking turns at each: a machine whose speed drifts
-    # (a shared VM) drifts under all of them alike, and each ratio is the median of the ratios of the same round
-    # (between models at one context, and between one model's contexts).
+    # `rounds` rounds, each through every context, the models taking turns at each (prefill, state, and a decode
+    # after each prefill); then the decode passes, from which the decode ratios are taken: each the median of the
+    # same pass's ratios (between models at one context, and between one model's contexts).
     rows = {}
     for _ in range(settings.get("rounds", 1)):
         for context in settings["contexts"]:
             for name, model in timed:
                 rows.setdefault((name, context), []).append(inference_speed(model, context, settings))
+    # the decode rates of the table and the ratios: timed in passes close together (paired_decode)
+    paired = paired_decode(timed, settings["contexts"], settings, settings.get("decode_passes", 5))
     for name, _ in timed:
         for context in settings["contexts"]:
             runs = rows[(name, context)]
             row = {"name": name, "context": context, "state_bytes": runs[0]["state_bytes"]}
-            for key in ("prefill_tokens_per_s", "prefill_s", "decode_tokens_per_s", "decode_ms_per_token"):
+            for key in ("prefill_tokens_per_s", "prefill_s"):
                 row[key] = statistics.median(run[key] for run in runs)
-            row["decode_tokens_per_s_rounds"] = [run["decode_tokens_per_s"] for run in runs]
+            row["decode_tokens_per_s_rounds"] = paired[(name, context)]
+            row["decode_tokens_per_s"] = statistics.median(row["decode_tokens_per_s_rounds"])
+            row["decode_ms_per_token"] = 1000.0 / row["decode_tokens_per_s"]
+            # each round's decode after its own prefill, as timed before passes (for comparison)
+            row["decode_after_prefill_tokens_per_s_rounds"] = [run["decode_tokens_per_s"] for run in runs]
             if name.endswith(" compiled"):
                 row["peak_rss_growth_bytes"] = None  # the same state and memory as its model
             report["inference"].append(row)
             log(f"{name:>14} context {context:>5}: prefill {row['prefill_tokens_per_s']:9.0f} tokens/s, decode "
-                f"{row['decode_tokens_per_s']:7.1f} tokens/s (rounds: "
+                f"{row['decode_tokens_per_s']:7.1f} tokens/s (passes: "
                 f"{', '.join(f'{r:.0f}' for r in row['decode_tokens_per_s_rounds'])}), "
                 f"state {row['state_bytes'] / 2**20:7.2f} MiB")
     del timed

@@ -192,7 +192,10 @@ def benchmark_markdown(report):
         _table(["model", "tokens/s", "step (s)"],
                [[r["name"], _n(r["tokens_per_s"]), f"{r['step_s']:.4f}"] for r in report["training"]]),
         "",
-        f"Inference, batch 1, greedy; decode = {report['settings']['decode_tokens']} steps after the prefill. "
+        f"Inference, batch 1, greedy. Decode: {report['settings']['decode_tokens']} steps through `generate()` "
+        f"from the state after the context, the median step; the median over "
+        f"{report['settings'].get('decode_passes', 1)} passes through every context and model, timed close "
+        "together (the ratios are the medians of the same pass's ratios). "
         "State: GPT-2's keys and values (DynamicCache) or spikelm's recurrent state (SpikeLMCache). "
         "Peak RSS growth: the process's resident memory above its level before the prefill, sampled during "
         "prefill and decode.",

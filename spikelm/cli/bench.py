@@ -31,6 +31,9 @@ def add_arguments(parser):
     parser.add_argument("--decode-tokens", type=int, default=None, help="decode steps timed per context (default 32)")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats, medians reported (default 5)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 1)")
+    parser.add_argument("--decode-passes", type=int, default=None,
+                        help="passes through the contexts timing every model's decode from a kept state, close "
+                             "together; a decode ratio is the median of the passes' ratios (default 7)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="rounds through the contexts, the models taking turns at each; a ratio is the "
                              "median of the rounds' ratios (default 3)")
@@ -58,14 +61,14 @@ def settings_from_args(args):
              "vocab_size": args.vocab_size, "time_steps": args.time_steps, "contexts": args.contexts,
              "train_batch": args.train_batch, "train_seq_len": args.train_seq_len,
              "decode_tokens": args.decode_tokens, "repeats": args.repeats, "warmup": args.warmup,
-             "rounds": args.rounds}
+             "rounds": args.rounds, "decode_passes": args.decode_passes}
     settings.update({k: v for k, v in flags.items() if v is not None})
     if args.intermediate_size is not None:
         settings["intermediate_size"] = args.intermediate_size
     elif args.hidden_size is not None and not args.preset:
         settings["intermediate_size"] = 4 * args.hidden_size
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
-                "train_batch", "train_seq_len", "decode_tokens", "repeats", "rounds"):
+                "train_batch", "train_seq_len", "decode_tokens", "repeats", "rounds", "decode_passes"):
         if settings[key] < 1:
             raise SpikeLMError(f"--{key.replace('_', '-')} must be at least 1 (got {settings[key]})")
     if settings["warmup"] < 0:
