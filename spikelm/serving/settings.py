@@ -1,6 +1,7 @@
 """ServeSettings: everything `spikelm serve` can be told, checked once when it is made."""
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,8 +29,9 @@ class ServeSettings:
     dtype: str = "float32"
     threads: int | None = None  # torch intra-op threads; None: torch's default
     # the engine in a process of its own (engine_process.py), so the model and the event loop do not share one
-    # GIL; False: a thread of the server's process (one process, one copy of the model)
-    engine_process: bool = True
+    # GIL; False: a thread of the server's process (one process, one copy of the model). Windows cannot hand
+    # the child its socket (pass_fds), so there the engine stays in a thread
+    engine_process: bool = sys.platform != "win32"
     e_ac_pj: float = E_AC_PJ  # energy of one accumulate (spikelm.energy)
     e_mac_pj: float = E_MAC_PJ  # energy of one multiply-accumulate
     retry_after_s: int = 1  # what a 503 tells the client to wait
