@@ -45,22 +45,27 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--log-level", default="info")
 
 
-def run(args) -> int:
-    from ..loading import require_saved_model
-    from ..serving.server import serve
-
+def settings_from(args) -> ServeSettings:
     settings_kwargs = dict(model=args.model, revision=args.revision, served_model_name=args.served_model_name,
                            host=args.host, port=args.port,
                            max_batch=args.max_batch, max_queue=args.max_queue,
                            max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                            default_max_tokens=args.default_max_tokens, max_body_bytes=args.max_body_bytes,
-                           dtype=args.dtype, threads=args.threads,
-                           engine_process=not args.engine_in_thread, step_tokens=args.step_tokens,
+                           dtype=args.dtype, threads=args.threads, step_tokens=args.step_tokens,
                            prefix_cache_bytes=args.prefix_cache_bytes, allowed_hosts=args.allowed_hosts,
                            max_connections=args.max_connections, shutdown_timeout_s=args.shutdown_timeout)
     if args.api_key:
         settings_kwargs["api_key"] = args.api_key
-    settings = ServeSettings(**settings_kwargs)
+    if args.engine_in_thread:
+        settings_kwargs["engine_process"] = False
+    return ServeSettings(**settings_kwargs)
+
+
+def run(args) -> int:
+    from ..loading import require_saved_model
+    from ..serving.server import serve
+
+    settings = settings_from(args)
     require_saved_model(settings.model, revision=settings.revision)  # a clear message before the server starts, not in its lifespan
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     serve(settings, log_level=args.log_level)

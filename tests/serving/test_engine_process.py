@@ -116,3 +116,14 @@ def test_a_corrupt_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(SpikeLMError, match="could not load the model") as error:
         engine.start()
     assert str(model_dir) in str(error.value) and not engine.alive
+
+
+def test_the_command_runs_the_engine_in_a_process_unless_told_otherwise():
+    import argparse
+
+    from spikelm.cli import serve
+
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    assert serve.settings_from(parser.parse_args(["--model", "m"])).engine_process
+    assert not serve.settings_from(parser.parse_args(["--model", "m", "--engine-in-thread"])).engine_process
