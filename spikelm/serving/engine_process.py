@@ -91,15 +91,22 @@ class EngineProcess:
             self._conn.send((self.model_name, self.revision, child_kwargs, self.log_level))
             kind, payload = self._conn.recv()
         except (EOFError, OSError):
-            code = self._process.wait(5)
-            raise SpikeLMError(f"the engine process exited while loading {self.model_name} (exit code {code}); "
-                               "the server's log has the cause") from None
+            raise SpikeLMError(f"the engine process exited while loading {self.model_name} (exit code "
+                               f"{self._end_child()}); the server's log has the cause") from None
         if kind == "failed":
-            self._process.wait(5)
+            self._end_child()
             raise SpikeLMError(payload)
         self.config = payload
         self._reader = threading.Thread(target=self._read_events, name="spikelm-engine-events", daemon=True)
         self._reader.start()
+
+    def _end_child(self):
+        """Wait a little for a child that gave up, then kill it; -> its exit code."""
+        try:
+            return self._process.wait(5)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            return self._process.wait(5)
 
     def stop(self, timeout=10.0):
         """Stop after the child's current step: every open request gets the shutdown error event."""
