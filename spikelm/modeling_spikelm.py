@@ -300,6 +300,15 @@ class SpikeLMStateLayer:
         memo[id(self)] = copied
         return copied
 
+    def row(self, i: int) -> "SpikeLMStateLayer":
+        """Batch row i's state, in tensors of its own."""
+        part = SpikeLMStateLayer()
+        part.has_previous_state = dict(self.has_previous_state)
+        for name, dim in self.BATCH_DIMS.items():
+            value = getattr(self, name)
+            setattr(part, name, None if value is None else value.narrow(dim, i, 1).clone())
+        return part
+
     def reorder_cache(self, beam_idx):
         self._map_batch(lambda t, dim: t.index_select(dim, beam_idx.to(t.device)))
 
@@ -367,15 +376,8 @@ class SpikeLMCache(Cache):
         seen_tokens = seen_tokens or [self.seen_tokens] * rows
         caches = []
         for row, seen in zip(range(rows), seen_tokens):
-            cache = copy.copy(self)
-            cache.layers = []
-            for layer in self.layers:
-                part = SpikeLMStateLayer()
-                part.has_previous_state = dict(layer.has_previous_state)
-                for name, dim in layer.BATCH_DIMS.items():
-                    value = getattr(layer, name)
-                    setattr(part, name, None if value is None else value.narrow(dim, row, 1).clone())
-                cache.layers.append(part)
+            cache = copy.copy(self)  # the plain fields; each layer's row below
+            cache.layers = [layer.row(row) for layer in self.layers]
             cache.seen_tokens = seen
             caches.append(cache)
         return caches
