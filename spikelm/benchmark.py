@@ -13,16 +13,16 @@ Every time is the median of `--repeats` runs after `--warmup` runs. Inference is
 that the models are measured with the same initial weights whatever their order.
 """
 
-import ctypes
 import datetime
 import gc
 import os
 import platform
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
+
+from . import allocator
 
 
 FULL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, vocab_size=4096,
@@ -36,12 +36,8 @@ QUICK = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, interme
              event_shape=dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4),
              crossover_shapes=[(256, 1024), (1024, 256)])
 
-# glibc mallopt parameters. PeakRSS pins the mmap threshold low; afterwards it sets glibc's own steady state
-# back (the dynamic threshold ends at 32 MiB, with the trim threshold at twice that). Pinning the threshold
-# alone, with the default 128 KiB trim threshold, made a 2-thread GPT-2 forward 20x slower here.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+# PeakRSS pins glibc's mmap threshold this low while it measures (see spikelm.allocator)
 MMAP_THRESHOLD_MEMORY = 64 * 2**10
-MMAP_THRESHOLD_STEADY, TRIM_THRESHOLD_STEADY = 32 * 2**20, 64 * 2**20
 
 
 # ================================================================ measuring
@@ -59,13 +55,6 @@ def median_time(fn, repeats, warmup):
     return statistics.median(times)
 
 
-def _libc():
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
 class PeakRSS:
     """Peak growth of the resident set size during a block, sampled every millisecond by a thread.
 
@@ -76,7 +65,7 @@ class PeakRSS:
     """
 
     def __init__(self):
-        self.libc = _libc() if sys.platform.startswith("linux") else None
+        self.libc = allocator.libc()
         self.growth = None
 
     @staticmethod
@@ -88,7 +77,7 @@ class PeakRSS:
         if self.libc is None:
             return self
         gc.collect()
-        self.libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MEMORY)
+        self.libc.mallopt(allocator.M_MMAP_THRESHOLD, MMAP_THRESHOLD_MEMORY)
         self.libc.malloc_trim(0)  # return the heap's free tail first, so the baseline is what is in use
         self.baseline = self.peak = self.rss()
         self.running = True
@@ -108,8 +97,7 @@ class PeakRSS:
         self.thread.join()
         self.peak = max(self.peak, self.rss())
         self.growth = self.peak - self.baseline
-        self.libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_STEADY)
-        self.libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_STEADY)
+        allocator.steady_state()
 
 
 def state_bytes(cache):
@@ -479,11 +467,17 @@ def run_benchmark(settings, log=print):
     report["event_driven"] = event_driven_speed(settings, log)
     report["energy"] = {"context": settings["energy_context"],
                         "models": [energy_per_token(name, model, settings) for name, model in models[1:]]}
-    # training in rounds too, the models taking turns: the ratio is the median of the rounds' ratios
+    # training in rounds too, the models taking turns: the ratio is the median of the rounds' ratios. On the
+    # CPU both models train with freed memory kept for reuse, as `spikelm train` does (spikelm.allocator)
+    kept = settings.get("keep_freed_memory", True) and device == "cpu"
+    report["training_allocator"] = (allocator.keep_freed_memory() if kept else None) or "as the process found it"
+    log(f"training with the allocator: {report['training_allocator']}")
     trained = {}
     for _ in range(settings.get("rounds", 1)):
         for name, model in models:
             trained.setdefault(name, []).append(training_speed(model, settings))
+    if kept:
+        allocator.steady_state()  # the rest (neurons, memory) as a long-running process settles by itself
     for name, _ in models:
         runs = trained[name]
         row = {"name": name, "tokens_per_s": statistics.median(run["tokens_per_s"] for run in runs),

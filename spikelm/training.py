@@ -28,6 +28,7 @@ from transformers import (AutoModelForCausalLM, PretrainedConfig, PreTrainedMode
                           TrainingArguments, set_seed)
 from transformers.trainer_utils import get_last_checkpoint, rotate_checkpoints
 
+from .allocator import keep_freed_memory
 from .configuration_spikelm import SpikeLMConfig
 from .data import Blocks, Corpus, bits_per_byte, iter_texts, load_corpus, prepare_blocks, quiet_datasets
 from .energy import count_inference
@@ -147,6 +148,7 @@ class TrainingOptions:
     logging_steps: int = 10
     resume: bool = False  # continue from the last complete checkpoint in `output`
     compile_neurons: bool = False  # fuse the neuron loops with torch.compile
+    keep_freed_memory: bool = True  # on the CPU: each step reuses the memory the last one freed (spikelm.allocator)
     command: str | None = None  # the command line of this run, for the model card
 
     def __post_init__(self):
@@ -274,6 +276,8 @@ def train(config_or_model: PretrainedConfig | PreTrainedModel, data: TrainingDat
     output = Path(options.output)
     tokenizer, blocks = data.tokenizer, data.blocks
     set_seed(options.seed)  # the same initial weights in every run and on every rank
+    if options.keep_freed_memory and training_args.device.type == "cpu":
+        keep_freed_memory()
     if options.compile_neurons:
         from .neurons import enable_compiled_kernels
 

@@ -8,8 +8,10 @@ import time
 
 import torch
 
+from spikelm import allocator
 from spikelm.benchmark import QUICK, PeakRSS
-from spikelm.cli import main
+from spikelm.cli import build_parser, main
+from spikelm.cli.bench import command_line, settings_from_args
 from spikelm.reporting import results_page
 
 TRAINING = {"name", "tokens_per_s", "step_s", "tokens_per_s_rounds"}
@@ -32,13 +34,24 @@ def test_peak_rss_sees_a_64_mib_tensor():
     assert memory.growth is not None and 60 * 2**20 < memory.growth < 200 * 2**20
 
 
+def test_the_allocator_flag_reaches_the_settings_and_the_recorded_command():
+    args = build_parser(only="bench").parse_args(["bench", "--quick", "--no-keep-freed-memory"])
+    assert settings_from_args(args)["keep_freed_memory"] is False
+    assert command_line(args) == "spikelm bench --quick --attention-type ssa --no-keep-freed-memory"
+    args = build_parser(only="bench").parse_args(["bench", "--quick"])
+    assert settings_from_args(args)["keep_freed_memory"] is True and "memory" not in command_line(args)
+
+
 def test_quick_bench_writes_every_field(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--threads", "1", "--output", str(out)]) == 0
     report = json.loads(out.read_text())
     assert set(report) == {"machine", "settings", "shape", "inference", "training", "energy", "neuron", "ratios",
-                           "command", "event_driven"}
+                           "command", "event_driven", "training_allocator"}
     assert report["command"] == "spikelm bench --quick --attention-type ssa --threads 1"
+    # both models train with freed memory kept for reuse, where glibc's allocator can be told to
+    kept = allocator.libc() is not None
+    assert report["training_allocator"].startswith("glibc: freed memory kept" if kept else "as the process found it")
     assert report["machine"]["torch_threads"] == 1
     assert {"cpu", "cpu_count", "torch", "transformers", "python", "date"} <= set(report["machine"])
     settings = report["settings"]

@@ -244,3 +244,13 @@ def test_bad_input_gets_one_line_and_no_traceback(tmp_path, case, message):
     assert "Traceback" not in run.stderr
     assert lines[0].startswith("spikelm train: error: ")
     assert re.search(message, lines[0]), lines[0]
+
+
+def test_freed_memory_is_kept_unless_asked_not_to(tmp_path):
+    from spikelm.cli import build_parser
+    from spikelm.cli.train import training_options
+
+    parse = build_parser(only="train").parse_args
+    assert training_options(parse(["train", "--output", str(tmp_path)])).keep_freed_memory is True
+    options = training_options(parse(["train", "--output", str(tmp_path), "--no-keep-freed-memory"]))
+    assert options.keep_freed_memory is False

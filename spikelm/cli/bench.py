@@ -43,6 +43,9 @@ def add_arguments(parser):
     parser.add_argument("--compile-decode", action="store_true",
                         help="also time each spikelm model with its one-token decode step compiled "
                              "(model.compile_decode(); adds a compilation)")
+    parser.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
+                        help="train both models with glibc's allocator as it is, instead of keeping freed memory "
+                             "for reuse as `spikelm train` does (spikelm/allocator.py)")
     parser.add_argument("--device", default=None, help="cpu (default) or cuda: the models, data and timings there")
     parser.add_argument("--output", default="runs/bench.json", help="JSON file; the Markdown goes beside it (.md)")
 
@@ -85,6 +88,7 @@ def settings_from_args(args):
     settings["compile_neurons"] = args.compile_neurons
     settings["compile_decode"] = args.compile_decode
     settings["device"] = args.device or "cpu"
+    settings["keep_freed_memory"] = args.keep_freed_memory
     if settings["device"].startswith("cuda"):
         import torch
 
@@ -97,6 +101,9 @@ def command_line(args):
     """The flags that were given, as a command line to rerun (recorded in the JSON)."""
     words = ["spikelm", "bench"]
     for key, value in vars(args).items():
+        if key == "keep_freed_memory":  # a store_false flag
+            words += [] if value else ["--no-keep-freed-memory"]
+            continue
         if key in ("command", "command_line", "output") or value is None or value is False:
             continue
         words.append("--" + key.replace("_", "-"))

@@ -68,6 +68,9 @@ def add_arguments(parser):
     run_group.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept")
     run_group.add_argument("--logging-steps", type=int, default=10)
     run_group.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    run_group.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
+                           help="on the CPU, leave glibc's allocator as it is instead of keeping freed memory for "
+                                "the next step (about 10%% faster steps for the process's peak memory held)")
 
 
 def training_options(args, **changes):
