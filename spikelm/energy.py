@@ -550,14 +550,17 @@ class EnergyCounter:
         nonzero, sums, binary, whole = self._stats(x)
         if binary and rows == 1 and module.bias is None:  # a lone decode step: plain numbers
             spikes = nonzero[0]
-            if spikes:
+            if spikes:  # both rules are linear in the spikes: one spike's counts, times the spikes
                 uniform = self._uniform
                 plan = self.memo.get(("linear", module))
                 if plan is None:
-                    plan = ((("ac", layer, "weights"), 1), (("weight_reads", layer, "weights"), 1))
+                    plan = ((("ac", layer, "weights"), 1), weight_ops_on_spikes(out, 1)[0],
+                            (("weight_reads", layer, "weights"), 1), weight_reads_on_spikes(out, 1))
+                    assert weight_ops_on_spikes(out, 1)[1] == 0  # (no MACs to add)
                     self._remember(("linear", module), plan)
-                uniform[plan[0]] = uniform.get(plan[0], 0) + weight_ops_on_spikes(out, spikes)[0]
-                uniform[plan[1]] = uniform.get(plan[1], 0) + weight_reads_on_spikes(out, spikes)
+                ac_key, ac, reads_key, reads = plan
+                uniform[ac_key] = uniform.get(ac_key, 0) + ac * spikes
+                uniform[reads_key] = uniform.get(reads_key, 0) + reads * spikes
             return
         if binary:  # both rules are linear in the spikes: one spike's counts, times each row's spikes
             ac, mac = weight_ops_on_spikes(out, 1)
@@ -593,11 +596,23 @@ class EnergyCounter:
 
     def block(self, module, inputs, output):
         shape = inputs[0].shape  # the membrane [T, B, n, D]; two branches add into it
-        self._constant(("block", module, shape), lambda: [
-            (("ac", self.labels[module], "neurons"), shape[1],
-             residual_ops(shape[-1], 2 * shape[0] * math.prod(shape[2:-1]))[0])])  # one row's T * n vectors, twice
+        self._constant(("block", module, shape), lambda: self._block_counts(module, shape))
 
-    def __call__(self, neuron, spikes, row_spikes=None):  # a SpikingNeuron fired (row_spikes: counted as it fired)
+    def _block_counts(self, module, shape):
+        return [(("ac", self.labels[module], "neurons"), shape[1],
+                 residual_ops(shape[-1], 2 * shape[0] * math.prod(shape[2:-1]))[0])]  # one row's T * n vectors, twice
+
+    def _stack_counts(self, model, shape):
+        """The norms' and the residual additions' counts of a SpikeLMModel's whole stack, for membranes of
+        `shape` [T, B, n, D] (every norm and block sees that shape; their counts are linear in the tokens, so a
+        prefill run chunk by chunk counts the same)."""
+        entries = []
+        for block in model.layers:
+            entries += self._norm_counts(block.attention_norm, shape) + self._norm_counts(block.mlp_norm, shape)
+            entries += self._block_counts(block, shape)
+        return entries + self._norm_counts(model.norm, shape)
+
+    def fired(self, neuron, spikes, row_spikes=None):  # a SpikingNeuron fired (row_spikes: counted as it fired)
         shape = spikes.shape
         plan = self.memo.get(("neuron", neuron, shape))
         if plan is None:
@@ -619,6 +634,8 @@ class EnergyCounter:
         if per_spike:
             self._add(("ac", layer, "neurons"), [per_spike * fired for fired in row_spikes], rows)
         self._add(("spikes", layer, None), row_spikes, rows)
+
+    __call__ = fired
 
     def _neuron_plan(self, neuron, shape):
         """A population's counts for input `shape` [T, B, ...]: those for no spike (the same every forward of
@@ -684,6 +701,9 @@ class EnergyCounter:
         self._known.clear()  # the stack is done: no matrix will be fed these spikes
         spikes = output.spikes
         rows, n = spikes.shape[1], spikes.shape[2]
+        # the stack's norms and residual additions (count_energy hooks none of them: one note instead of 3 per
+        # layer, each a hooked module call)
+        self._constant(("stack", module, spikes.shape), lambda: self._stack_counts(module, spikes.shape))
         mask = kwargs.get("attention_mask")
         self._mask = None if mask is None else (mask[:, -n:] != 0).long().cpu()
         real = [n] * rows if mask is None else self._mask.sum(1).tolist()
@@ -887,11 +907,17 @@ class CounterSwitch:
     def __init__(self):
         self.labels, self.config, self.target, self.memo = {}, None, None, {}
 
+    # what the modules call on their `counter` (looked up at each call: bound to the target's own methods by
+    # `use`, a few microseconds less for each of a decode step's ~50 calls than passing each one on)
+    DIRECT = ("linear", "fired", "attention", "head_average")
+
     def use(self, counter: "EnergyCounter | None"):
         """Send the counts of the next forwards to `counter` (None: nowhere); returns it."""
         if counter is not None:
             counter.labels, counter.config, counter.memo = self.labels, self.config, self.memo
         self.target = counter
+        for name in self.DIRECT:
+            setattr(self, name, getattr(counter, name) if counter is not None else _ignore)
         return counter
 
     def _pass(name):
@@ -901,12 +927,21 @@ class CounterSwitch:
         forward.__name__ = name
         return forward
 
-    # what count_energy hooks up (linear, norm, block, model) and what the modules call (a neuron calls the
-    # counter itself; attention and the head call theirs)
-    __call__ = _pass("__call__")
+    # what count_energy hooks up (hooks are bound once, so they pass each call on) and, until `use`, what the
+    # modules call
     linear, norm, block, model = _pass("linear"), _pass("norm"), _pass("block"), _pass("model")
-    attention, head_average = _pass("attention"), _pass("head_average")
+    fired, attention, head_average = _pass("fired"), _pass("attention"), _pass("head_average")
     del _pass
+
+
+def _ignore(*args, **kwargs):
+    """A switch's stand-in while it has no target."""
+
+
+def _hook(counter, name):
+    """The counter's method `name` as its class defines it (a switch's passes each call on to whatever counter
+    it uses then; what `use` bound on the instance would stay bound to that one counter)."""
+    return getattr(type(counter), name).__get__(counter)
 
 
 @contextmanager
@@ -920,19 +955,26 @@ def count_energy(model, counter=None):
     counter = counter or EnergyCounter()
     counter.config = model.config
     handles, flagged = [], []
+    in_stacks = set()  # the norms and blocks that the model's hook counts (EnergyCounter._stack_counts)
+    for module in model.modules():
+        if isinstance(module, SpikeLMModel):
+            in_stacks.update(id(m) for block in module.layers for m in (block, block.attention_norm, block.mlp_norm))
+            in_stacks.add(id(module.norm))
     for name, module in model.named_modules():
         counter.labels[module] = _layer_label(name)
+        if id(module) in in_stacks:
+            continue
         if isinstance(module, SpikeLinear):  # calls `counter.linear` itself
             module.counter = counter
             flagged.append(module)
         elif isinstance(module, nn.Linear):
-            handles.append(module.register_forward_hook(counter.linear))
+            handles.append(module.register_forward_hook(_hook(counter, "linear")))
         elif isinstance(module, (nn.LayerNorm, SpikeLMRMSNorm)):
-            handles.append(module.register_forward_hook(counter.norm))
+            handles.append(module.register_forward_hook(_hook(counter, "norm")))
         elif isinstance(module, SpikeLMBlock):
-            handles.append(module.register_forward_hook(counter.block))
+            handles.append(module.register_forward_hook(_hook(counter, "block")))
         elif isinstance(module, SpikeLMModel):
-            handles.append(module.register_forward_hook(counter.model, with_kwargs=True))
+            handles.append(module.register_forward_hook(_hook(counter, "model"), with_kwargs=True))
         if isinstance(module, (SpikingNeuron, SpikeLMAttention, SpikeLMForCausalLM)):  # they call `counter`
             module.counter = counter
             flagged.append(module)

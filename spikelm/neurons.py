@@ -408,12 +408,12 @@ class SpikingNeuron(nn.Module):
         elif self.counter is not None:  # inference, counted: the C kernel counts each row's spikes as they fire
             spikes, row_spikes = lif_inference(current, leak, self.threshold, self.reset, self.initial_membrane,
                                                count_rows=True)
-            self.counter(self, spikes, row_spikes)
+            self.counter.fired(self, spikes, row_spikes)
             return spikes
         else:  # inference (generation, evaluation): nothing to keep for a backward pass
             spikes = lif_inference(current, leak, self.threshold, self.reset, self.initial_membrane)
         if self.counter is not None:
-            self.counter(self, spikes)
+            self.counter.fired(self, spikes)
         return spikes
 
     def extra_repr(self):

@@ -339,6 +339,22 @@ def test_a_counter_switch_counts_each_forward_into_its_own_counter():
     assert all(module.counter is None for module in model.modules() if hasattr(module, "counter"))
 
 
+def test_a_switch_used_before_its_hooks_are_installed_follows_each_later_counter():
+    # the switch binds its target's methods on itself for the modules' calls; the hooks must not keep the
+    # counter that was in use when they were installed
+    model = SpikeLMForCausalLM(tiny_config("ssa")).eval()
+    ids = torch.randint(3, 48, (1, 6))
+    with count_inference(model) as counter:
+        model(ids)
+    switch = CounterSwitch()
+    early = switch.use(EnergyCounter())
+    with torch.no_grad(), count_energy(model, switch):
+        later = switch.use(EnergyCounter())
+        model(ids)
+    assert early.tokens == 0 and early.total() == EnergyCounts()
+    assert later.total() == counter.total() and later.tokens == 6
+
+
 @pytest.mark.parametrize("kernels_on", [True, False])
 def test_counts_worked_out_once_per_shape_equal_fresh_counts(kernels_on, monkeypatch):
     # A counter notes the counts that depend on shapes only and works them out once per (module, shape), and once
