@@ -3,18 +3,22 @@
     python eval/profile_training_step.py --threads 1 --output runs/profile_training.json
 
 Shape as `spikelm bench` (D=256, 4 layers, 4 heads, MLP 1024, vocabulary 4096, T=4, batch 8 x 256 tokens),
-random weights; neurons compiled where they pay (spikelm's default). Prints and writes the top ops, each with
-its share of the step's self CPU time.
+random weights; neurons compiled where they pay and freed memory kept for the next step (both spikelm train's
+defaults; --no-keep-freed-memory profiles without). Prints and writes the top ops, each with its share of the
+step's self CPU time, and the step's wall time without the profiler (the profiler slows a step down here).
 """
 
 import argparse
 import json
+import statistics
+import time
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from spikelm import SpikeLMConfig, SpikeLMForCausalLM
+from spikelm.allocator import keep_freed_memory
 from spikelm.benchmark import FULL
 
 
@@ -33,7 +37,13 @@ def profile_step(settings, steps=3, top=5):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()  # warm-up: compilation and first-touch costs stay out of the profile
+    for _ in range(2):  # warm-up: compilation and first-touch costs stay out of the profile
+        step()
+    walls = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        walls.append(time.perf_counter() - start)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
@@ -41,6 +51,7 @@ def profile_step(settings, steps=3, top=5):
     total = sum(e.self_cpu_time_total for e in events)
     events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
     return {"steps": steps, "self_cpu_ms_per_step": total / steps / 1000,
+            "wall_ms_per_step_unprofiled": 1000 * statistics.median(walls),
             "top": [{"op": e.key, "share": e.self_cpu_time_total / total, "calls_per_step": e.count / steps,
                      "self_cpu_ms_per_step": e.self_cpu_time_total / steps / 1000} for e in events[:top]]}
 
@@ -50,15 +61,20 @@ def main():
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--output", default="runs/profile_training.json")
+    parser.add_argument("--no-keep-freed-memory", dest="keep_freed_memory", action="store_false",
+                        help="glibc's allocator as it is (spikelm/allocator.py)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = keep_freed_memory() if args.keep_freed_memory else None
     result = profile_step(dict(FULL), steps=args.steps)
     result["threads"] = torch.get_num_threads()
+    result["allocator"] = allocator or "as the process found it"
     for row in result["top"]:
         print(f"{row['op']:<40} {100 * row['share']:5.1f}%  {row['self_cpu_ms_per_step']:8.1f} ms/step  "
               f"{row['calls_per_step']:6.0f} calls/step")
-    print(f"self CPU time per step: {result['self_cpu_ms_per_step']:.0f} ms")
+    print(f"self CPU time per step under the profiler: {result['self_cpu_ms_per_step']:.0f} ms; wall time per "
+          f"step without it: {result['wall_ms_per_step_unprofiled']:.0f} ms ({result['allocator']})")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2))
 
