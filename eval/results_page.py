@@ -3,7 +3,7 @@
     python eval/results_page.py --bench runs/bench.json --energy runs/energy.json \
         --perplexity runs/ppl_spikelm.json runs/ppl_gpt2.json --output docs/results.md
 
-The energy plot (the PNG beside the energy JSON) is copied next to the page.
+The energy plot (the PNG beside the energy JSON) is copied next to the page, as <page>_energy.png.
 """
 
 import argparse
@@ -31,7 +31,7 @@ def main() -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     plot = None
     if args.energy and Path(args.energy).with_suffix(".png").exists():
-        plot = output.parent / "energy.png"
+        plot = output.parent / f"{output.stem}_energy.png"  # beside the page (docs/energy.png is the README's)
         shutil.copyfile(Path(args.energy).with_suffix(".png"), plot)
     output.write_text(results_page(load(args.bench), load(args.energy), [load(p) for p in args.perplexity],
                                   plot.name if plot else None, args.note))
