@@ -10,8 +10,6 @@ step's self CPU time, and the step's wall time without the profiler (the profile
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -19,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from spikelm import SpikeLMConfig, SpikeLMForCausalLM
 from spikelm.allocator import keep_freed_memory
-from spikelm.benchmark import FULL
+from spikelm.benchmark import FULL, median_time
 
 
 def profile_step(settings, steps=3, top=5):
@@ -37,13 +35,8 @@ def profile_step(settings, steps=3, top=5):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(2):  # warm-up: compilation and first-touch costs stay out of the profile
-        step()
-    walls = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        walls.append(time.perf_counter() - start)
+    # warm-up (compilation and first-touch costs stay out of the profile), then the wall time without the profiler
+    wall = median_time(step, repeats=steps, warmup=2)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()
@@ -51,7 +44,7 @@ def profile_step(settings, steps=3, top=5):
     total = sum(e.self_cpu_time_total for e in events)
     events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
     return {"steps": steps, "self_cpu_ms_per_step": total / steps / 1000,
-            "wall_ms_per_step_unprofiled": 1000 * statistics.median(walls),
+            "wall_ms_per_step_unprofiled": 1000 * wall,
             "top": [{"op": e.key, "share": e.self_cpu_time_total / total, "calls_per_step": e.count / steps,
                      "self_cpu_ms_per_step": e.self_cpu_time_total / steps / 1000} for e in events[:top]]}
 
