@@ -635,8 +635,6 @@ class EnergyCounter:
             self._add(("ac", layer, "neurons"), [per_spike * fired for fired in row_spikes], rows)
         self._add(("spikes", layer, None), row_spikes, rows)
 
-    __call__ = fired
-
     def _neuron_plan(self, neuron, shape):
         """A population's counts for input `shape` [T, B, ...]: those for no spike (the same every forward of
         this shape: neuron_ops is affine in the spikes), the ACs each spike adds (a soft reset's subtraction),
