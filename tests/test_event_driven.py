@@ -108,7 +108,7 @@ def test_training_matmul_over_the_spikes_gives_the_dense_gradients(monkeypatch):
     for got, expected in zip(sparse_grads, (x.grad, layer.weight.grad, layer.bias.grad)):
         assert (got - expected).abs().max() <= 1e-12
     # above TRAINING_MAX_RATE, or without the event-driven paths: the dense matmul
-    layer(spikes(4, 200, 96, rate=0.6).double().requires_grad_()).sum().backward()
+    layer(spikes(4, 200, 96, rate=0.7).double().requires_grad_()).sum().backward()
     set_event_driven(layer, False)
     layer(x).sum().backward()
     with torch.no_grad():

@@ -51,6 +51,27 @@ def test_training_kernels_sum_like_the_decode_kernel_on_any_number_of_threads(dt
     assert kernels.count_nonzero(x) == int(torch.count_nonzero(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("out_features", [275, 1024])
+def test_training_kernels_sum_in_input_and_row_order(dtype, out_features):
+    # wide enough for the register-held chunks of the output (1 KiB), a one-vector remainder and a scalar tail
+    # (275), and rows in several blocks of the gradient plus a part block: the sums are the plain loops', in
+    # increasing input (forward) and row (gradient) order, bit for bit
+    torch.manual_seed(1)
+    x = (torch.rand(150, 70) < 0.2).to(dtype)
+    x[1::7] *= 2  # some rows of spike counts among rows of spikes
+    weight_t, grad = torch.randn(70, out_features, dtype=dtype), torch.randn(150, out_features, dtype=dtype)
+    expected_out = torch.zeros(150, out_features, dtype=dtype)
+    for i in range(70):
+        expected_out += x[:, i:i + 1] * weight_t[i]
+    expected_grad_t = torch.zeros(70, out_features, dtype=dtype)
+    for r in range(150):
+        expected_grad_t += x[r, :, None] * grad[r]
+    for threads in (1, 2):
+        assert torch.equal(kernels.spike_matmul_rows(x, weight_t, threads), expected_out)
+        assert torch.equal(kernels.spike_grad_weight(x, grad, threads), expected_grad_t)
+
+
 def test_weight_gradient_by_hand():
     x = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 1.0]])  # input 1 never fires: its gradient row is 0
     grad = torch.tensor([[1.0, 10.0], [100.0, 1000.0]])
