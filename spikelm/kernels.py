@@ -15,20 +15,21 @@ Both compute exactly what those PyTorch paths compute, operation for operation (
   each batch row's spikes as they fire (no second pass for the counter).
 - `spike_matmul`: out[r] = sum over inputs i, in increasing order, of x[r, i] * W_t[i] (W_t = W.T, [in, out]),
   for spikes (x in {0, 1}) or spike counts: the gather-sum of `event_driven` (each output row sums its own
-  inputs' rows in a fixed order, so a row's numbers do not depend on the other rows: batch-invariant). The loop
-  runs over inputs outside and rows inside, so each active input's weight row is read from memory once however
-  many of the T steps (and batch rows) fired it. It first counts the non-zero inputs and, above `max_nonzero`,
-  returns -1 without computing (the caller takes the dense matmul).
+  inputs' rows in a fixed order, so a row's numbers do not depend on the other rows: batch-invariant). Each row
+  first lists its firing inputs, then sums their weight rows a 1 KiB slice of the output at a time, in vector
+  registers. Wide matrices fed several rows (a batch's LM head) take a loop over inputs outside and rows inside
+  instead, which reads each firing input's weight row once however many rows fired it. Either first counts the
+  non-zero inputs and, above `max_nonzero`, returns -1 without computing (the caller takes the dense matmul).
 - `ssa_step`: one token of spike self-attention's recurrent form, S = g S + k v^T, z = g z + m, then
   scale * q S / z, in one pass over the state (PyTorch makes three, and a dozen small operations for z). S and z
   come out as PyTorch's, bit for bit (k_i v_j is 0 or 1); q S sums S's rows in increasing order, which differs
   from a BLAS sum by rounding.
 - `spike_matmul_rows` and `spike_grad_weight`: training's matmuls fed spikes (thousands of rows): the forward
-  with rows outside (each output row stays in the first-level cache while its firing inputs' weight rows are
-  added, in the same order as `spike_matmul`: the same numbers), and the weight's gradient, g^T x, adding each
-  row's output gradient into the rows of the (transposed) gradient whose input fired. Rows (forward) or inputs
-  (gradient) are split over threads; each output is summed by one thread, so the numbers do not depend on how
-  many. `count_nonzero` says whether an input is sparse enough to take them.
+  with rows outside, each row summed as `spike_matmul` sums it (the same numbers), and the weight's gradient,
+  g^T x, in blocks of rows: each input that fired in a block reads and writes its row of the (transposed)
+  gradient once, adding the block's output gradients of the rows that fired it, in row order. Rows (forward) or
+  inputs (gradient) are split over threads; each output is summed by one thread, so the numbers do not depend
+  on how many. `count_nonzero` says whether an input is sparse enough to take them.
 - `ssa_counts`: what spike attention's counting rule needs, per batch row: the (k, v) spike pairs that meet in a
   head, step and position, and q's spikes.
 - `row_stats`: what the energy counter asks of each matrix's input and each population's spikes, in one pass:
@@ -75,53 +76,8 @@ void NAME(const REAL *current, REAL *spikes, int64_t steps, int64_t n, double le
     }                                                                                                        \
 }
 
-/* dst += c * src over n values; a spike (c == 1) adds without the multiplication */
-#define ADD_COUNTED(DST, SRC, C, N)                                                                          \
-    if ((C) == 1) for (int64_t k = 0; k < (N); k++) (DST)[k] += (SRC)[k];                                    \
-    else for (int64_t k = 0; k < (N); k++) (DST)[k] += (C) * (SRC)[k];
-
-/* The next input after `i` that fired in any row (`in` if none), and a prefetch of its weight row: a decode
-   step's weights come from beyond the core's caches, in rows the hardware prefetcher cannot guess. */
-#define NEXT_FIRING(I, X, ROWS, IN, WEIGHT_T, OUT, REAL)                                                     \
-    for ((I)++; (I) < (IN); (I)++) {                                                                         \
-        int fires = 0;                                                                                       \
-        for (int64_t r = 0; r < (ROWS); r++) fires |= (X)[r * (IN) + (I)] != 0;                             \
-        if (fires) {                                                                                         \
-            const char *row = (const char *)((WEIGHT_T) + (I) * (OUT));                                      \
-            for (int64_t b = 0; b < (OUT) * (int64_t)sizeof(REAL); b += 64) __builtin_prefetch(row + b, 0, 3); \
-            break;                                                                                           \
-        }                                                                                                    \
-    }
-
-#define PREFETCH_AHEAD 2  /* firing inputs whose weight rows are on their way (measured: 1, 2 and 4) */
-
-#define SPIKE_MATMUL(NAME, REAL)                                                                             \
-int64_t NAME(const REAL *x, int64_t rows, int64_t in, const REAL *weight_t, int64_t out, REAL *result,    \
-             int64_t max_nonzero) {                                                                          \
-    int64_t nonzero = 0;                                                                                     \
-    for (int64_t k = 0; k < rows * in; k++) nonzero += x[k] != 0;                                            \
-    if (nonzero > max_nonzero) return -1;                                                                    \
-    for (int64_t k = 0; k < rows * out; k++) result[k] = 0;                                                  \
-    int64_t ahead = -1;                                                                                      \
-    for (int a = 0; a < PREFETCH_AHEAD; a++) NEXT_FIRING(ahead, x, rows, in, weight_t, out, REAL)            \
-    for (int64_t i = 0; i < in; i++) {                                                                       \
-        const REAL *w = weight_t + i * out;                                                                  \
-        int fired = 0;                                                                                       \
-        for (int64_t r = 0; r < rows; r++) {                                                                 \
-            const REAL c = x[r * in + i];                                                                    \
-            if (c == 0) continue;                                                                            \
-            fired = 1;                                                                                       \
-            ADD_COUNTED(result + r * out, w, c, out)                                                         \
-        }                                                                                                    \
-        if (fired && ahead < in) NEXT_FIRING(ahead, x, rows, in, weight_t, out, REAL)                        \
-    }                                                                                                        \
-    return nonzero;                                                                                          \
-}
-
-/* Training's two matmuls fed spikes, for many rows (T * batch * tokens). Both first list a row's firing inputs
-   (a vector compare and compress where there is AVX-512; a branch per input mispredicts at every spike), then
-   add whole weight or gradient rows, held in registers: measured on the bench's shapes, 1.8x (forward) and 2.3x
-   (gradient) the loops that tested every input and added into memory. */
+/* Lists of firing inputs: a vector compare and compress where there is AVX-512 (a branch per input
+   mispredicts at every spike). */
 typedef float vec_float __attribute__((vector_size(64), aligned(4)));  /* unaligned loads and stores */
 typedef double vec_double __attribute__((vector_size(64), aligned(8)));
 
@@ -146,42 +102,106 @@ static int64_t nonzero_double(const double *x, int64_t n, int32_t *at) {
     return count;
 }
 
-/* Forward. Each row's output is made OUT_VECTORS vectors at a time (1 KiB: the vector registers of AVX-512),
-   each summing the firing inputs' weight rows in increasing input order from 0: the order of SPIKE_MATMUL, so
-   the same numbers. A slice of rows per call (the caller's threads). */
+/* One row of x @ weight_t from its n firing inputs (in increasing order), into o. The output is made
+   OUT_VECTORS vectors at a time (1 KiB: the vector registers of AVX-512), each summing the firing inputs' weight
+   rows from 0 in increasing input order (a count c adds c times its row), so every kernel here sums an output
+   in the same order: the same numbers. Measured on the bench's training shapes, 1.8x the loop that tested every
+   input and added into memory; in a decode step, 1.4-4.2x on matrices up to 1024 wide. */
 #define OUT_VECTORS 16
-#define SPIKE_MATMUL_ROWS(NAME, REAL)                                                                        \
-void NAME(const REAL *x, int64_t rows, int64_t in, const REAL *weight_t, int64_t out, REAL *result) {      \
+#define ROW_SUM(REAL)                                                                                        \
+static void row_sum_##REAL(const REAL *xr, const int32_t *firing, int64_t n, const REAL *weight_t,          \
+                           int64_t out, REAL *o) {                                                           \
     typedef vec_##REAL vec;                                                                                  \
     const int64_t lanes = sizeof(vec) / sizeof(REAL);                                                        \
-    int32_t *firing = malloc(in * sizeof(int32_t));                                                          \
-    for (int64_t r = 0; r < rows; r++) {                                                                     \
-        const REAL *xr = x + r * in;                                                                         \
-        REAL *o = result + r * out;                                                                          \
-        const int64_t n = nonzero_##REAL(xr, in, firing);                                                    \
-        int spikes = 1;  /* all ones: add without multiplying */                                             \
-        for (int64_t a = 0; a < n; a++) spikes &= xr[firing[a]] == 1;                                        \
-        int64_t k = 0;                                                                                       \
-        for (; k + OUT_VECTORS * lanes <= out; k += OUT_VECTORS * lanes) {                                   \
-            vec sum[OUT_VECTORS] = {0};                                                                      \
-            for (int64_t a = 0; a < n; a++) {                                                                \
-                const vec *w = (const vec *)(weight_t + firing[a] * out + k);                                \
-                if (spikes) for (int j = 0; j < OUT_VECTORS; j++) sum[j] += w[j];                            \
-                else { const REAL c = xr[firing[a]]; for (int j = 0; j < OUT_VECTORS; j++) sum[j] += c * w[j]; } \
-            }                                                                                                \
-            for (int j = 0; j < OUT_VECTORS; j++) *(vec *)(o + k + j * lanes) = sum[j];                      \
+    int spikes = 1;  /* all ones: add without multiplying */                                                 \
+    for (int64_t a = 0; a < n; a++) spikes &= xr[firing[a]] == 1;                                            \
+    int64_t k = 0;                                                                                           \
+    for (; k + OUT_VECTORS * lanes <= out; k += OUT_VECTORS * lanes) {                                       \
+        vec sum[OUT_VECTORS] = {0};                                                                          \
+        for (int64_t a = 0; a < n; a++) {                                                                    \
+            const vec *w = (const vec *)(weight_t + firing[a] * out + k);                                    \
+            if (spikes) for (int j = 0; j < OUT_VECTORS; j++) sum[j] += w[j];                                \
+            else { const REAL c = xr[firing[a]]; for (int j = 0; j < OUT_VECTORS; j++) sum[j] += c * w[j]; } \
         }                                                                                                    \
-        for (; k + lanes <= out; k += lanes) {                                                               \
-            vec sum = {0};                                                                                   \
-            for (int64_t a = 0; a < n; a++) sum += xr[firing[a]] * *(const vec *)(weight_t + firing[a] * out + k); \
-            *(vec *)(o + k) = sum;                                                                           \
-        }                                                                                                    \
-        for (; k < out; k++) {                                                                               \
-            REAL sum = 0;                                                                                    \
-            for (int64_t a = 0; a < n; a++) sum += xr[firing[a]] * weight_t[firing[a] * out + k];            \
-            o[k] = sum;                                                                                      \
-        }                                                                                                    \
+        for (int j = 0; j < OUT_VECTORS; j++) *(vec *)(o + k + j * lanes) = sum[j];                          \
     }                                                                                                        \
+    for (; k + lanes <= out; k += lanes) {                                                                   \
+        vec sum = {0};                                                                                       \
+        for (int64_t a = 0; a < n; a++) sum += xr[firing[a]] * *(const vec *)(weight_t + firing[a] * out + k); \
+        *(vec *)(o + k) = sum;                                                                               \
+    }                                                                                                        \
+    for (; k < out; k++) {                                                                                   \
+        REAL sum = 0;                                                                                        \
+        for (int64_t a = 0; a < n; a++) sum += xr[firing[a]] * weight_t[firing[a] * out + k];                \
+        o[k] = sum;                                                                                          \
+    }                                                                                                        \
+}
+ROW_SUM(float)
+ROW_SUM(double)
+
+/* dst += c * src over n values; a spike (c == 1) adds without the multiplication */
+#define ADD_COUNTED(DST, SRC, C, N)                                                                          \
+    if ((C) == 1) for (int64_t k = 0; k < (N); k++) (DST)[k] += (SRC)[k];                                    \
+    else for (int64_t k = 0; k < (N); k++) (DST)[k] += (C) * (SRC)[k];
+
+/* The next input after `i` that fired in any row (`in` if none), and a prefetch of its weight row: a decode
+   step's weights come from beyond the core's caches, in rows the hardware prefetcher cannot guess. */
+#define NEXT_FIRING(I, X, ROWS, IN, WEIGHT_T, OUT, REAL)                                                     \
+    for ((I)++; (I) < (IN); (I)++) {                                                                         \
+        int fires = 0;                                                                                       \
+        for (int64_t r = 0; r < (ROWS); r++) fires |= (X)[r * (IN) + (I)] != 0;                             \
+        if (fires) {                                                                                         \
+            const char *row = (const char *)((WEIGHT_T) + (I) * (OUT));                                      \
+            for (int64_t b = 0; b < (OUT) * (int64_t)sizeof(REAL); b += 64) __builtin_prefetch(row + b, 0, 3); \
+            break;                                                                                           \
+        }                                                                                                    \
+    }
+
+#define PREFETCH_AHEAD 2  /* firing inputs whose weight rows are on their way (measured: 1, 2 and 4) */
+/* Wider matrices fed several rows (the LM head of a batch) take the loop below, inputs outside, which reads
+   each firing input's weight row once for all rows: measured at 256x4096 with 4 and 32 rows of spike counts,
+   ROW_SUM, which reads it once per row, took 1.0-1.3x its time. */
+#define ROW_SUM_MAX_OUT 1024
+
+#define SPIKE_MATMUL(NAME, REAL)                                                                             \
+int64_t NAME(const REAL *x, int64_t rows, int64_t in, const REAL *weight_t, int64_t out, REAL *result,    \
+             int64_t max_nonzero) {                                                                          \
+    int64_t nonzero = 0;                                                                                     \
+    if (rows == 1 || out <= ROW_SUM_MAX_OUT) {  /* each row through ROW_SUM */                               \
+        int32_t *firing = malloc((rows * in + rows) * sizeof(int32_t)), *count = firing + rows * in;         \
+        for (int64_t r = 0; r < rows; r++) nonzero += count[r] = nonzero_##REAL(x + r * in, in, firing + r * in); \
+        if (nonzero <= max_nonzero)                                                                          \
+            for (int64_t r = 0; r < rows; r++)                                                               \
+                row_sum_##REAL(x + r * in, firing + r * in, count[r], weight_t, out, result + r * out);      \
+        free(firing);                                                                                        \
+        return nonzero <= max_nonzero ? nonzero : -1;                                                        \
+    }                                                                                                        \
+    for (int64_t k = 0; k < rows * in; k++) nonzero += x[k] != 0;                                            \
+    if (nonzero > max_nonzero) return -1;                                                                    \
+    for (int64_t k = 0; k < rows * out; k++) result[k] = 0;                                                  \
+    int64_t ahead = -1;                                                                                      \
+    for (int a = 0; a < PREFETCH_AHEAD; a++) NEXT_FIRING(ahead, x, rows, in, weight_t, out, REAL)            \
+    for (int64_t i = 0; i < in; i++) {                                                                       \
+        const REAL *w = weight_t + i * out;                                                                  \
+        int fired = 0;                                                                                       \
+        for (int64_t r = 0; r < rows; r++) {                                                                 \
+            const REAL c = x[r * in + i];                                                                    \
+            if (c == 0) continue;                                                                            \
+            fired = 1;                                                                                       \
+            ADD_COUNTED(result + r * out, w, c, out)                                                         \
+        }                                                                                                    \
+        if (fired && ahead < in) NEXT_FIRING(ahead, x, rows, in, weight_t, out, REAL)                        \
+    }                                                                                                        \
+    return nonzero;                                                                                          \
+}
+
+/* Training's two matmuls fed spikes, for many rows (T * batch * tokens). The forward: each row through
+   ROW_SUM, rows outside; a slice of rows per call (the caller's threads). */
+#define SPIKE_MATMUL_ROWS(NAME, REAL)                                                                        \
+void NAME(const REAL *x, int64_t rows, int64_t in, const REAL *weight_t, int64_t out, REAL *result) {      \
+    int32_t *firing = malloc(in * sizeof(int32_t));                                                          \
+    for (int64_t r = 0; r < rows; r++)                                                                       \
+        row_sum_##REAL(x + r * in, firing, nonzero_##REAL(x + r * in, in, firing), weight_t, out, result + r * out); \
     free(firing);                                                                                            \
 }
 

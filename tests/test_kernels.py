@@ -52,11 +52,12 @@ def test_training_kernels_sum_like_the_decode_kernel_on_any_number_of_threads(dt
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("out_features", [275, 1024])
-def test_training_kernels_sum_in_input_and_row_order(dtype, out_features):
-    # wide enough for the register-held chunks of the output (1 KiB), a one-vector remainder and a scalar tail
-    # (275), and rows in several blocks of the gradient plus a part block: the sums are the plain loops', in
-    # increasing input (forward) and row (gradient) order, bit for bit
+@pytest.mark.parametrize("out_features", [275, 1024, 1100])
+def test_kernels_sum_in_input_and_row_order(dtype, out_features):
+    # wide enough for the register-held slices of the output (1 KiB), a one-vector remainder and a scalar tail
+    # (275), wider than the decode kernel's row-by-row form (1100: inputs outside), and rows in several blocks of
+    # the gradient plus a part block: the sums are the plain loops', in increasing input (forward, training's and
+    # decoding's kernels, one row or many) and row (gradient) order, bit for bit
     torch.manual_seed(1)
     x = (torch.rand(150, 70) < 0.2).to(dtype)
     x[1::7] *= 2  # some rows of spike counts among rows of spikes
@@ -70,6 +71,9 @@ def test_training_kernels_sum_in_input_and_row_order(dtype, out_features):
     for threads in (1, 2):
         assert torch.equal(kernels.spike_matmul_rows(x, weight_t, threads), expected_out)
         assert torch.equal(kernels.spike_grad_weight(x, grad, threads), expected_grad_t)
+    assert torch.equal(kernels.spike_matmul(x, weight_t), expected_out)
+    assert torch.equal(kernels.spike_matmul(x[1:2], weight_t), expected_out[1:2])  # one row of counts
+    assert torch.equal(kernels.spike_matmul(x[:4], weight_t), expected_out[:4])
 
 
 def test_weight_gradient_by_hand():
