@@ -7,6 +7,7 @@ energy against a same-shape GPT-2, how it was trained, and how to load it.
 """
 
 import json
+import math
 from pathlib import Path
 
 CARD_FILE = "README.md"
@@ -69,11 +70,13 @@ def model_card(config, metrics: dict | None = None, energy: dict | None = None, 
                   f"Counted from the spikes that flowed on {energy['tokens']} held-out tokens (spikelm.energy: "
                   f"{energy['e_ac_pj']} pJ per accumulate, {energy['e_mac_pj']} pJ per multiply-accumulate).", "",
                   "| model | pJ/token | ACs/token | MACs/token |", "|---|---|---|---|",
-                  f"| this model | {energy['pj_per_token']:.0f} | {energy['ac_per_token']:.0f} | "
-                  f"{energy['mac_per_token']:.0f} |",
-                  f"| same-shape GPT-2 (all MACs) | {energy['ann_pj_per_token']:.0f} | 0 | "
-                  f"{energy['ann_mac_per_token']:.0f} |", "",
-                  f"Ratio to GPT-2: {energy['energy_ratio']:.3f}. Firing rate {energy['firing_rate']:.3f}; per layer: "
+                  # rounded against this model: its costs up, GPT-2's down, the ratio up
+                  f"| this model | {math.ceil(energy['pj_per_token'])} | {math.ceil(energy['ac_per_token'])} | "
+                  f"{math.ceil(energy['mac_per_token'])} |",
+                  f"| same-shape GPT-2 (all MACs) | {math.floor(energy['ann_pj_per_token'])} | 0 | "
+                  f"{math.floor(energy['ann_mac_per_token'])} |", "",
+                  f"Ratio to GPT-2: {math.ceil(round(energy['energy_ratio'] * 1000, 6)) / 1000:.3f}. Firing rate "
+                  f"{energy['firing_rate']:.3f}; per layer: "
                   + ", ".join(f"{layer} {rate:.3f}" for layer, rate in energy["firing_rate_per_layer"].items())
                   + "."]
 

@@ -4,6 +4,7 @@ Pure functions of the JSON dicts: the numbers are measured once, and the pages (
 rendered from the files, so a page can be remade without measuring again.
 """
 
+import math
 from pathlib import Path
 
 
@@ -13,13 +14,32 @@ def _table(header, rows):
     return "\n".join(lines)
 
 
-def _n(x, digits=3):
-    """A number for a table: integers with thousands separators, small ones with `digits` significant digits."""
+def _n(x, digits=3, rounding=round):
+    """A number for a table: integers with thousands separators, small ones with `digits` significant digits.
+    `rounding`: round (to nearest), math.ceil or math.floor, applied at the last digit shown."""
     if x is None:
         return "n/a"
     if abs(x) >= 1000:
-        return f"{x:,.0f}"
-    return f"{x:.{digits}g}"
+        return f"{rounding(x):,.0f}"
+    if x == 0 or rounding is round:
+        return f"{x:.{digits}g}"
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(abs(x))))
+    shown = rounding(round(x * scale, 6)) / scale  # round(, 6): 0.14 * 1000 is not always 140 in binary
+    return f"{shown:,.0f}" if abs(shown) >= 1000 else f"{shown:.{digits}g}"
+
+
+# Energy figures are shown rounded against spikelm, never in its favour: its own costs up, the references'
+# down, and the ratios spikelm over a reference (below 1: spikelm spends less) up.
+def _up(x, digits=3):
+    return _n(x, digits, math.ceil)
+
+
+def _down(x, digits=3):
+    return _n(x, digits, math.floor)
+
+
+def _ratio(x, decimals=3):
+    return f"{math.ceil(round(x * 10 ** decimals, 6)) / 10 ** decimals:.{decimals}f}"
 
 
 def _bytes(n):
@@ -62,33 +82,34 @@ def energy_markdown(report):
         "",
         _table(["model", "precision", "ACs", "MACs", "weight reads", "state reads", "state writes", "compute pJ",
                 "memory pJ", "total pJ", "spikelm/model compute", "spikelm/model total"],
-               [[name, m["precision"], _n(m["ac"]), _n(m["mac"]), _n(m["weight_reads"]), _n(m["state_reads"]),
-                 _n(m["state_writes"]), _n(m["compute_pj"]), _n(m["memory_pj"]), _n(m["total_pj"]),
-                 f"{spikelm_compute / m['compute_pj']:.3f}", f"{spikelm_total / m['total_pj']:.3f}"]
+               [[name, m["precision"]] + [(_up if name == "spikelm" else _down)(m[key]) for key in
+                                          ("ac", "mac", "weight_reads", "state_reads", "state_writes", "compute_pj",
+                                           "memory_pj", "total_pj")] +
+                [_ratio(spikelm_compute / m["compute_pj"]), _ratio(spikelm_total / m["total_pj"])]
                 for name, m in models]),
         "",
         "spikelm at each precision (weights, membranes and attention state at its bits; spikes 1 bit):",
         "",
         _table(["precision", "compute pJ", "memory pJ", "total pJ", "vs GPT-2 fp32 total", "vs GPT-2 int8 total"],
-               [[p, _n(f["compute_pj"]), _n(f["memory_pj"]), _n(f["total_pj"]),
-                 f"{f['total_pj'] / refs['gpt2_fp32']['total_pj']:.3f}",
-                 f"{f['total_pj'] / refs['gpt2_int8']['total_pj']:.3f}"] for p, f in report["by_precision"].items()]),
+               [[p, _up(f["compute_pj"]), _up(f["memory_pj"]), _up(f["total_pj"]),
+                 _ratio(f["total_pj"] / refs["gpt2_fp32"]["total_pj"]),
+                 _ratio(f["total_pj"] / refs["gpt2_int8"]["total_pj"])] for p, f in report["by_precision"].items()]),
         "",
         "Per layer (per token; GPT-2 pJ: the fp32 GPT-2's operations):",
         "",
         _table(["layer", "firing rate", "spikes", "ACs", "MACs", "compute pJ", "memory pJ", "GPT-2 pJ"],
                [[layer, f"{rate:.4f}", _n(report.get("spikes_per_token_per_layer", {}).get(layer)),
-                 _n(sum(r["ac"] for r in report["rows"] if r["layer"] == layer)),
-                 _n(sum(r["mac"] for r in report["rows"] if r["layer"] == layer)),
-                 _n(sum(r["pj"] for r in report["rows"] if r["layer"] == layer)),
-                 _n(sum(r["memory_pj"] for r in report["rows"] if r["layer"] == layer)),
-                 _n(report.get("ann_per_layer", {}).get(layer, {}).get("pj"))]
+                 _up(sum(r["ac"] for r in report["rows"] if r["layer"] == layer)),
+                 _up(sum(r["mac"] for r in report["rows"] if r["layer"] == layer)),
+                 _up(sum(r["pj"] for r in report["rows"] if r["layer"] == layer)),
+                 _up(sum(r["memory_pj"] for r in report["rows"] if r["layer"] == layer)),
+                 _down(report.get("ann_per_layer", {}).get(layer, {}).get("pj"))]
                 for layer, rate in report["firing_rate_per_layer"].items()]),
         "",
         "By layer and kind (per token):",
         "",
         _table(["layer", "kind", "ACs", "MACs", "compute pJ", "memory pJ"],
-               [[row["layer"], row["kind"], _n(row["ac"]), _n(row["mac"]), _n(row["pj"]), _n(row["memory_pj"])]
+               [[row["layer"], row["kind"], _up(row["ac"]), _up(row["mac"]), _up(row["pj"]), _up(row["memory_pj"])]
                 for row in report["rows"]]),
     ]
     return "\n".join(lines) + "\n"
@@ -97,14 +118,15 @@ def energy_markdown(report):
 def energy_summary_lines(report):
     """Two lines for a terminal: spikelm's operation energy with its counts, then memory-inclusive figures of
     spikelm and each reference (compute + memory = total pJ per token, with the operation counts)."""
-    first = (f"energy: {report['pj_per_token']:.0f} pJ/token ({report['ac_per_token']:.0f} ACs + "
-             f"{report['mac_per_token']:.0f} MACs per token, firing rate {report['firing_rate']:.3f}); "
-             f"same-shape GPT-2: {report['ann_pj_per_token']:.0f} pJ/token (x{report['energy_ratio']:.2f})")
-    parts = [f"spikelm {report['precision']} {report['compute_pj_per_token']:.0f} + "
-             f"{report['memory_pj_per_token']:.0f} = {report['total_pj_per_token']:.0f}"]
+    up, down = math.ceil, math.floor  # rounded against spikelm (see _up)
+    first = (f"energy: {up(report['pj_per_token'])} pJ/token ({up(report['ac_per_token'])} ACs + "
+             f"{up(report['mac_per_token'])} MACs per token, firing rate {report['firing_rate']:.3f}); "
+             f"same-shape GPT-2: {down(report['ann_pj_per_token'])} pJ/token (x{_ratio(report['energy_ratio'])})")
+    parts = [f"spikelm {report['precision']} {up(report['compute_pj_per_token'])} + "
+             f"{up(report['memory_pj_per_token'])} = {up(report['total_pj_per_token'])}"]
     parts += [f"{ref['label'].split(' (')[0]}{'' if ref['label'].endswith(ref['precision']) else ' ' + ref['precision']} "
-              f"{ref['compute_pj']:.0f} + {ref['memory_pj']:.0f} = {ref['total_pj']:.0f} "
-              f"({ref['ac']:.0f} ACs + {ref['mac']:.0f} MACs)" for ref in report["references"].values()]
+              f"{down(ref['compute_pj'])} + {down(ref['memory_pj'])} = {down(ref['total_pj'])} "
+              f"({down(ref['ac'])} ACs + {down(ref['mac'])} MACs)" for ref in report["references"].values()]
     second = "with memory (operations + memory = total pJ/token): " + "; ".join(parts)
     return first + "\n" + second
 
@@ -140,7 +162,7 @@ def plot_energy(report, path):
     if "ann_per_layer" in report:
         energy.plot(list(x), [report["ann_per_layer"][layer]["pj"] for layer in layers], "k_", markersize=30,
                     markeredgewidth=2, linestyle="none", label="same-shape GPT-2")
-    energy.set(title=f"operation energy per token (x{report['energy_ratio']:.2f} of GPT-2 in all)",
+    energy.set(title=f"operation energy per token (x{_ratio(report['energy_ratio'])} of GPT-2 in all)",
                ylabel="pJ per token", xticks=list(x))
     energy.set_xticklabels(layers, rotation=30)
     top = max(bottom + [report.get("ann_per_layer", {}).get(layer, {}).get("pj", 0) for layer in layers])
@@ -224,10 +246,11 @@ def benchmark_markdown(report):
     energy = report["energy"]
     lines += ["", f"Energy per token at context {energy['context']} (random weights: the firing rates are not "
               f"a trained model's): " + "; ".join(
-                  f"{e['name']} {e['pj_per_token']:,.0f} pJ vs GPT-2 {e['ann_pj_per_token']:,.0f} pJ "
-                  f"(ratio {e['energy_ratio']:.3f}, firing rate {e['firing_rate']:.3f})" for e in energy["models"]),
+                  f"{e['name']} {math.ceil(e['pj_per_token']):,} pJ vs GPT-2 {math.floor(e['ann_pj_per_token']):,} "
+                  f"pJ (ratio {_ratio(e['energy_ratio'])}, firing rate {e['firing_rate']:.3f})" for e in energy["models"]),
               "", "Ratios:", ""]
-    lines += [f"- {key.replace('_', ' ')}: {value:.3f}" if value is not None else f"- {key.replace('_', ' ')}: n/a"
+    lines += [f"- {key.replace('_', ' ')}: " + ("n/a" if value is None else _ratio(value)
+                                                 if key.startswith("energy") else f"{value:.3f}")
               for key, value in report["ratios"].items()]
     return "\n".join(lines) + "\n"
 

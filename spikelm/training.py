@@ -312,7 +312,8 @@ def train(config_or_model: PretrainedConfig | PreTrainedModel, data: TrainingDat
                    "world_size": training_args.world_size, "resumed_from": checkpoint}
         (output / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
         write_card(output, trainer.model, summary, data, options, base_model(trainer, config_or_model))
-        energy = (f"; {metrics['eval_pj_per_token']:.0f} pJ/token, firing rate {metrics['eval_firing_rate']:.3f}"
+        energy = (f"; {math.ceil(metrics['eval_pj_per_token'])} pJ/token, firing rate "
+                  f"{metrics['eval_firing_rate']:.3f}"
                   if "eval_pj_per_token" in metrics else "")
         print(f"held-out bits per byte {metrics['eval_bits_per_byte']:.3f} (at the start "
               f"{first['eval_bits_per_byte']:.3f}), perplexity {metrics['eval_perplexity']:.2f}; "
