@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's first command: on a fresh machine, install spikelm, train the `small` preset on the bundled
 # corpus (Tiny Shakespeare), generate a sample and print its energy per token. Under 15 minutes on 2 CPU cores,
-# installation included (4 min 01 s and 4 min 06 s measured on 2026-12-02, 14 min while other jobs shared the cores).
+# installation included (2 min 46 s measured on 2026-12-02 with pip's cache, 4 min 01 s to 4 min 06 s earlier that
+# day before faster kernels, 14 min while other jobs shared the cores).
 #   bash train/quickstart.sh                  # makes .venv
 #   VENV=/path/to/venv bash train/quickstart.sh   # use an existing environment (skips the installation)
 set -euo pipefail
