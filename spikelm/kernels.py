@@ -57,22 +57,41 @@ SOURCE = r"""
 #include <immintrin.h>
 #endif
 
+/* The neurons a block at a time, the T steps inside: the block's membranes stay in registers and each step's
+   arithmetic runs in vector lanes (one neuron at a time, T steps inside, left the loop scalar: 36 against 7 us
+   for a decode step's [2, 32, 1, 512] population of a batch of 32). */
+#define LIF_BLOCK 64
+#define LIF_STEPS(REAL, RESET)                                                                               \
+    for (int64_t t = 0; t < steps; t++) {                                                                    \
+        const REAL *c = current + t * n + j0;                                                                \
+        REAL *s = spikes + t * n + j0;                                                                       \
+        for (int64_t k = 0; k < width; k++) {                                                                \
+            const REAL charged = c[k] + membrane[k] * leak;                                                  \
+            const int fired = charged >= threshold;                                                          \
+            s[k] = fired ? (REAL)1 : (REAL)0;                                                                \
+            membrane[k] = fired ? (RESET) : charged;                                                         \
+            fired_here[k] += fired;                                                                          \
+        }                                                                                                    \
+    }
 #define LIF(NAME, REAL)                                                                                      \
 void NAME(const REAL *current, REAL *spikes, int64_t steps, int64_t n, double leak_, double threshold_,   \
           int soft, double initial_, int64_t *row_spikes, int64_t rows) {                                    \
     const REAL leak = (REAL)leak_, threshold = (REAL)threshold_, initial = (REAL)initial_;                  \
     const int64_t inner = rows > 0 ? n / rows : n;                                                           \
-    for (int64_t j = 0; j < n; j++) {                                                                        \
-        REAL membrane = initial;                                                                             \
-        int64_t fired_here = 0;                                                                              \
-        for (int64_t t = 0; t < steps; t++) {                                                                \
-            REAL charged = current[t * n + j] + membrane * leak;                                             \
-            int fired = charged >= threshold;                                                                \
-            spikes[t * n + j] = fired ? (REAL)1 : (REAL)0;                                                   \
-            membrane = fired ? (soft ? charged - threshold : (REAL)0) : charged;                             \
-            fired_here += fired;                                                                             \
-        }                                                                                                    \
-        if (row_spikes) row_spikes[j / inner] += fired_here;                                                 \
+    for (int64_t j0 = 0; j0 < n; j0 += LIF_BLOCK) {                                                          \
+        const int64_t width = n - j0 < LIF_BLOCK ? n - j0 : LIF_BLOCK;                                       \
+        REAL membrane[LIF_BLOCK];                                                                            \
+        int32_t fired_here[LIF_BLOCK];                                                                       \
+        for (int64_t k = 0; k < width; k++) { membrane[k] = initial; fired_here[k] = 0; }                    \
+        if (soft) LIF_STEPS(REAL, charged - threshold)                                                       \
+        else LIF_STEPS(REAL, (REAL)0)                                                                        \
+        if (!row_spikes) continue;                                                                           \
+        if (j0 / inner == (j0 + width - 1) / inner) {  /* the block lies in one batch row */                 \
+            int64_t total = 0;                                                                               \
+            for (int64_t k = 0; k < width; k++) total += fired_here[k];                                      \
+            row_spikes[j0 / inner] += total;                                                                 \
+        } else                                                                                               \
+            for (int64_t k = 0; k < width; k++) row_spikes[(j0 + k) / inner] += fired_here[k];               \
     }                                                                                                        \
 }
 

@@ -17,6 +17,9 @@ def test_lif_kernel_gives_the_spikes_of_the_pytorch_step(dtype, reset, leak):
         got = kernels.lif(current, leak.item(), 1.0, reset == "soft", initial)
         assert torch.equal(got, expected) and got.dtype == dtype
         assert 0 < got.mean() < 1
+        # each batch row's spikes, counted as they fire (rows of 500 neurons: blocks that straddle two rows)
+        counted, row_spikes = kernels.lif(current, leak.item(), 1.0, reset == "soft", initial, count_rows=True)
+        assert torch.equal(counted, expected) and row_spikes == expected.sum(dim=(0, 2)).long().tolist()
     # a non-contiguous input (a view) gives the same spikes
     wide = torch.randn(4, 6, dtype=dtype)
     assert torch.equal(kernels.lif(wide[:, ::2], 0.5, 1.0, True, 0.0),
