@@ -11,8 +11,9 @@ SPIKELM_C_KERNELS=0, `available()` is False and the callers take their PyTorch p
 Both compute exactly what those PyTorch paths compute, operation for operation (tests/test_kernels.py):
 - `lif`: charge h = x + v * leak, fire s = (h >= theta), reset v = h - theta * s (soft) or h * (1 - s) (hard),
   the arithmetic of `neurons.lif_step`; floating-point contraction is off (-ffp-contract=off), so no fused
-  multiply-add rounds differently from PyTorch's separate multiply and add. Counting energy, it also counts
-  each batch row's spikes as they fire (no second pass for the counter).
+  multiply-add rounds differently from PyTorch's separate multiply and add. It runs 64 neurons at a time with
+  the T steps inside, in vector lanes. Counting energy, it also counts each batch row's spikes as they fire (no
+  second pass for the counter).
 - `spike_matmul`: out[r] = sum over inputs i, in increasing order, of x[r, i] * W_t[i] (W_t = W.T, [in, out]),
   for spikes (x in {0, 1}) or spike counts: the gather-sum of `event_driven` (each output row sums its own
   inputs' rows in a fixed order, so a row's numbers do not depend on the other rows: batch-invariant). Each row
