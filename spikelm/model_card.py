@@ -10,6 +10,8 @@ import json
 import math
 from pathlib import Path
 
+from .reporting import _ratio as ratio_up  # rounded up, against the model
+
 CARD_FILE = "README.md"
 
 
@@ -75,7 +77,7 @@ def model_card(config, metrics: dict | None = None, energy: dict | None = None, 
                   f"{math.ceil(energy['mac_per_token'])} |",
                   f"| same-shape GPT-2 (all MACs) | {math.floor(energy['ann_pj_per_token'])} | 0 | "
                   f"{math.floor(energy['ann_mac_per_token'])} |", "",
-                  f"Ratio to GPT-2: {math.ceil(round(energy['energy_ratio'] * 1000, 6)) / 1000:.3f}. Firing rate "
+                  f"Ratio to GPT-2: {ratio_up(energy['energy_ratio'])}. Firing rate "
                   f"{energy['firing_rate']:.3f}; per layer: "
                   + ", ".join(f"{layer} {rate:.3f}" for layer, rate in energy["firing_rate_per_layer"].items())
                   + "."]
